@@ -1,0 +1,206 @@
+"""The seam between the bridge server and the worker, plus the work-directory path rules.
+
+``BridgeBackend`` is what a worker implements for one task (and tests fake); the server in
+``hypha.bridge.server`` turns HTTP requests into calls on it and maps its exceptions to
+status codes. ``resolve_in`` confines executor-supplied paths to the task's work directory.
+``openapi_document`` describes the routes. Nothing here opens sockets or touches the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Final, Protocol
+
+import msgspec
+import trio
+
+from hypha.protocol import bridge as b
+
+SSE_KEEPALIVE_SECONDS: Final = 5.0
+"""Default interval of the comment line that keeps an idle receive stream open."""
+
+
+class BridgeBackend(Protocol):
+    """What the bridge needs from the worker for one task.
+
+    Exceptions: raise ``ValueError`` or ``hypha.errors.DataError`` for caller mistakes
+    (answered 400), ``NetworkError``/``TransferError``/``ProtocolError`` for failures of
+    other nodes (502), ``LeaseError``/``JobError`` when the task may no longer do this (409),
+    and let ``OSError`` out for local I/O failures (500).
+    """
+
+    @property
+    def task_id(self) -> str:
+        """The id of the task this bridge serves."""
+        ...
+
+    def job_document(self) -> bytes:
+        """Return the task's job JSON document exactly as the worker received it."""
+        ...
+
+    async def fetch(self, ref: b.Reference, work_dir: Path) -> list[b.FetchedFile]:
+        """Place the files ``ref`` names in ``work_dir`` and describe them.
+
+        Returned paths are relative to ``work_dir``; the server refuses any that escape it.
+
+        Cancellation: the executor hung up; stop the transfer and remove partial files.
+        """
+        ...
+
+    async def send(self, request: b.SendRequest, path: Path) -> list[str]:
+        """Push the file at ``path`` (already confined to the work dir) as ``request`` says.
+
+        Returns:
+            The peer ids that acknowledged the file.
+        """
+        ...
+
+    def subscribe_received(self) -> trio.MemoryReceiveChannel[b.ReceivedFile]:
+        """Open one subscription to files pushed to this task.
+
+        Each call returns a new channel that gets every file received from then on; files
+        that arrived while nobody was subscribed go to the next subscriber. Closing the
+        send side ends the SSE stream; the server closes the receive side when the
+        executor hangs up.
+        """
+        ...
+
+    async def progress(self, body: b.ProgressBody) -> b.InstructionBody:
+        """Relay a progress report to the scheduler and return its instruction."""
+        ...
+
+    async def metrics(self, body: b.MetricsBody) -> None:
+        """Record the task's metrics (telemetry, scheduler status)."""
+        ...
+
+
+def resolve_in(work_dir: Path, rel: str) -> Path:
+    """Return the absolute, symlink-free path of ``rel`` inside ``work_dir``.
+
+    The path need not exist. Symlinks that do exist are followed, and the result must
+    still lie inside ``work_dir``.
+
+    Args:
+        work_dir: the task's work directory.
+        rel: a relative POSIX path supplied by the executor.
+
+    Raises:
+        ValueError: ``rel`` is empty, absolute, has a ``..`` component or a NUL byte, or
+            resolves (through symlinks) to a place outside ``work_dir``.
+    """
+    if not rel or "\x00" in rel:
+        raise ValueError("path must be a non-empty string without NUL bytes")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute():
+        raise ValueError(f"path {rel!r} is absolute; give it relative to the work dir")
+    if ".." in pure.parts:
+        raise ValueError(f"path {rel!r} has a '..' component")
+    root = work_dir.resolve()
+    resolved = root.joinpath(pure).resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"path {rel!r} escapes the work dir")
+    return resolved
+
+
+def _json_body(name: str) -> dict[str, object]:
+    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+
+def _errors(*codes: int) -> dict[str, object]:
+    return {str(code): {"description": "error", **_json_body("ErrorBody")} for code in codes}
+
+
+def openapi_document() -> dict[str, object]:
+    """Return the OpenAPI 3.1 description of every bridge route."""
+    _, components = msgspec.json.schema_components(
+        b.SCHEMA_TYPES, ref_template="#/components/schemas/{name}"
+    )
+    progress_ref = {
+        "oneOf": [
+            {"$ref": "#/components/schemas/ProgressReport"},
+            {"$ref": "#/components/schemas/UpdateSentReport"},
+            {"$ref": "#/components/schemas/UpdateAppliedReport"},
+        ],
+        "discriminator": {"propertyName": "event"},
+    }
+
+    def op(summary: str, ok: str | None, *codes: int, body: object = None) -> dict[str, object]:
+        ok_response: dict[str, object] = {"description": "no content"}
+        ok_status = "204"
+        if ok is not None:
+            ok_status, ok_response = "200", {"description": "ok", **_json_body(ok)}
+        operation: dict[str, object] = {
+            "summary": summary,
+            "responses": {ok_status: ok_response, **_errors(*codes)},
+        }
+        if body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": body}},
+            }
+        return operation
+
+    def ref(name: str) -> dict[str, str]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    sse = {"description": "text/event-stream; each event's data is a ReceivedFile"}
+    receive = op("Server-sent events, one per file pushed to this task", None, 500)
+    receive["responses"] = {"200": sse, **_errors(500)}
+    paths: dict[str, object] = {
+        "/job": {
+            "get": {
+                "summary": "The task's job document, verbatim",
+                "responses": {"200": {"description": "job JSON document"}},
+            }
+        },
+        "/resources/fetch": {
+            "post": op(
+                "Fetch a referenced resource into the work dir",
+                "FetchResponse",
+                400,
+                409,
+                413,
+                500,
+                502,
+                body=ref("FetchRequest"),
+            )
+        },
+        "/resources/send": {
+            "post": op(
+                "Push a work-dir file to other tasks",
+                "SendResponse",
+                400,
+                409,
+                413,
+                500,
+                502,
+                body=ref("SendRequest"),
+            )
+        },
+        "/resources/receive": {"get": receive},
+        "/progress": {
+            "post": op(
+                "Report progress; returns the next instruction",
+                "InstructionBody",
+                400,
+                409,
+                413,
+                502,
+                body=progress_ref,
+            )
+        },
+        "/metrics": {"post": op("Report metrics", None, 400, 413, body=ref("MetricsBody"))},
+        "/health": {"get": op("Liveness", "HealthBody")},
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3.1"}},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Hypha job bridge", "version": b.BRIDGE_API_VERSION},
+        "paths": paths,
+        "components": {"schemas": components},
+    }

@@ -1,0 +1,263 @@
+"""``hypha``: the command line. Thin: parse, load config, set up logging, ``trio.run``.
+
+Owns argument parsing, turning ``HyphaError`` into a one-line message and an exit code
+(2 for bad configuration or input, 1 for runtime failures), and signal handling: SIGINT and
+SIGTERM cancel the running node, which shuts down cleanly. Everything else is delegated.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import trio
+import typer
+from rich.console import Console
+
+from hypha.cli.logs import init_logging
+from hypha.config import check_files, load_config, render_default
+from hypha.config.schema import NetworkSection
+from hypha.errors import ConfigError, HyphaError
+
+app = typer.Typer(
+    help="Hypha: decentralized DiLoCo training on machines you do not control centrally.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+certutil = typer.Typer(help="Development PKI: a CA, node certificates, revocation.", no_args_is_help=True)
+app.add_typer(certutil, name="certutil")
+err = Console(stderr=True, soft_wrap=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
+ValidateOpt = Annotated[
+    bool, typer.Option("--validate", help="Check the config and exit: 0 if valid, 2 with every problem.")
+]
+ReadyOpt = Annotated[
+    Path | None, typer.Option("--ready-file", help="Write {role, peer_id, listen_addresses} JSON here once up.")
+]
+ListenOpt = Annotated[list[str] | None, typer.Option("--listen", help="Listen multiaddr (repeatable).")]
+GatewayOpt = Annotated[list[str] | None, typer.Option("--gateway", help="Gateway multiaddr (repeatable).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs, libp2p's included.")]
+
+
+def fail(message: str, problems: list[str] | None = None, code: int = 2) -> None:
+    """Print a user-facing error and exit."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    for problem in problems or []:
+        err.print(f"  - {problem}", highlight=False, markup=False)
+    raise typer.Exit(code)
+
+
+def load_role_config(role: str, path: Path | None, validate: bool, overrides: dict[str, Any]) -> NetworkSection:
+    """Load (and with ``--validate`` only check) a role's config."""
+    try:
+        config = load_config(role, path, overrides=overrides)
+        problems = check_files(config, str(path) if path else "<defaults>")
+    except ConfigError as exc:
+        fail(str(exc), exc.problems)
+        raise AssertionError("unreachable") from exc
+    if problems:
+        fail(f"{len(problems)} problem(s) in {path}", problems)
+    if validate:
+        err.print(f"{path or '<defaults>'}: {role} config is valid")
+        raise typer.Exit(0)
+    return config
+
+
+def run_until_signal(role: str, main: Callable[[], Awaitable[None]]) -> None:
+    """``trio.run`` ``main`` and cancel it cleanly on SIGINT or SIGTERM."""
+
+    async def runner() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        err.print(f"{role}: received {signal.Signals(signum).name}, shutting down")
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch_signals)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(runner)
+    except HyphaError as exc:
+        fail(str(exc), code=1)
+    except BaseExceptionGroup as group:
+        leaf = _first_hypha_error(group)
+        if leaf is None:
+            raise
+        fail(str(leaf), code=1)
+
+
+def _first_hypha_error(group: BaseExceptionGroup[Any]) -> HyphaError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, HyphaError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_hypha_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
+def net_overrides(listen: list[str] | None, gateway: list[str] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if listen:
+        out["listen_addresses"] = listen
+    if gateway:
+        out["gateway_addresses"] = gateway
+    return out
+
+
+@app.command()
+def gateway(
+    config: ConfigOpt = None,
+    validate: ValidateOpt = False,
+    ready_file: ReadyOpt = None,
+    listen: ListenOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a gateway: bootstrap peer, DHT anchor, circuit relay."""
+    from hypha.config.schema import GatewayConfig
+    from hypha.gateway import run_gateway
+
+    cfg = load_role_config("gateway", config, validate, net_overrides(listen))
+    assert isinstance(cfg, GatewayConfig)
+    init_logging("gateway", verbose=verbose)
+    run_until_signal("gateway", lambda: run_gateway(cfg, ready_file=ready_file))
+
+
+@app.command()
+def init(
+    role: Annotated[str, typer.Argument(help="gateway, scheduler, worker or data")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")] = Path("config.toml"),
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Node name for the cert/key file names.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented default config for ROLE."""
+    from hypha.config.schema import ROLE_CONFIGS
+
+    if role not in ROLE_CONFIGS:
+        fail(f"unknown role {role!r}; expected one of {', '.join(ROLE_CONFIGS)}")
+    if output.exists() and not force:
+        fail(f"{output} exists; pass --force to overwrite it")
+    output.write_text(render_default(role, name))
+    err.print(f"wrote {output}")
+
+
+@app.command()
+def probe(
+    address: Annotated[str, typer.Argument(help="Multiaddr of the node, ending in /p2p/<peer id>.")],
+    config: ConfigOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 2.0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Exit 0 if the node at ADDRESS answers healthy within --timeout, 1 otherwise."""
+    from hypha.net.probe import probe_health
+
+    from hypha.config.load import load_identity
+
+    try:
+        cfg = load_identity(config)
+    except ConfigError as exc:
+        fail(str(exc), exc.problems)
+        return
+    init_logging("probe", verbose=verbose, quiet=True)
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        with trio.move_on_after(timeout):
+            result["response"] = await probe_health(cfg, address)
+
+    run_until_signal("probe", main)
+    response = result.get("response")
+    if response is None or not response.healthy:
+        err.print(f"{address}: unhealthy or no answer within {timeout}s")
+        raise typer.Exit(1)
+    typer.echo(f"{address}: healthy ({response.role} {response.peer_id})")
+
+
+@certutil.command("ca")
+def certutil_ca(
+    org: Annotated[str, typer.Option("--org", help="Organisation name of the CA.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for ca-cert.pem, ca-key.pem, crl.pem.")],
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 3650,
+) -> None:
+    """Create a development CA."""
+    from hypha.pki import create_ca
+
+    try:
+        create_ca(org, out, days=days)
+    except HyphaError as exc:
+        fail(str(exc))
+    err.print(f"CA written to {out} (ca-cert.pem, ca-key.pem [0600], crl.pem)")
+
+
+@certutil.command("node")
+def certutil_node(
+    ca: Annotated[Path, typer.Option("--ca", help="CA directory.")],
+    name: Annotated[str, typer.Option("--name", help="Node name.")],
+    role: Annotated[str, typer.Option("--role", help="gateway, scheduler, worker or data.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+) -> None:
+    """Issue a node key and certificate bound to its peer ID."""
+    from hypha.pki import issue_node, peer_id_of
+    from hypha.pki.ca import load_private_key
+
+    try:
+        files = issue_node(ca, name, role, out, days=days)
+    except HyphaError as exc:
+        fail(str(exc))
+        return
+    peer = peer_id_of(load_private_key(files.key).public_key())
+    err.print(f"{name} ({role}) peer ID {peer}: {files.cert}, {files.key} [0600], {files.trust}")
+
+
+@certutil.command("revoke")
+def certutil_revoke(
+    ca: Annotated[Path, typer.Option("--ca", help="CA directory.")],
+    cert: Annotated[Path, typer.Option("--cert", help="Certificate to revoke.")],
+) -> None:
+    """Add a certificate to the CA's crl.pem."""
+    from hypha.pki import revoke
+
+    try:
+        serial = revoke(ca, cert)
+    except HyphaError as exc:
+        fail(str(exc))
+        return
+    err.print(f"revoked serial {serial:x}; distribute {ca / 'crl.pem'} to every node (crls_pem)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (tests call this in-process)."""
+    try:
+        rc = app(args=argv, prog_name="hypha", standalone_mode=False)
+        if isinstance(rc, int):
+            return rc
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except SystemExit as exc:
+        return int(exc.code or 0) if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

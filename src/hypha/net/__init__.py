@@ -1,0 +1,1 @@
+"""Network layer: the only place that touches py-libp2p."""

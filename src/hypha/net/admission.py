@@ -1,0 +1,88 @@
+"""Admission of peers: py-libp2p's TLS transport, restricted to our CA.
+
+Owns the only security transport a Hypha host offers (``/tls/1.0.0``). It presents the
+node's CA-signed certificate instead of the library's self-signed one, and replaces the
+library's self-signed-only check with ``pki.verify.CertificateVerifier``: trust bundle, CRL,
+validity window, libp2p key binding and role. Refusals are logged on the accepting side with
+the reason and raised as ``AdmissionError`` on the dialing side. It also remembers the role
+of every admitted peer so that handlers can authorise by role.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from libp2p.abc import IRawConnection, ISecureConn
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.peer.id import ID
+from libp2p.security.tls.transport import TLSTransport
+
+from hypha.errors import AdmissionError
+from hypha.pki.verify import CertificateVerifier, PeerCredentials, TlsFiles
+
+logger = logging.getLogger(__name__)
+
+
+class PeerDirectory:
+    """Credentials of every peer admitted since start, by peer ID."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, PeerCredentials] = {}
+
+    def add(self, creds: PeerCredentials) -> None:
+        self._peers[creds.peer_id] = creds
+
+    def get(self, peer_id: str) -> PeerCredentials | None:
+        return self._peers.get(peer_id)
+
+    def role(self, peer_id: str) -> str | None:
+        creds = self._peers.get(peer_id)
+        return creds.role if creds else None
+
+
+class AdmissionTransport(TLSTransport):
+    """TLS 1.3 security transport that admits only peers certified by our CA."""
+
+    def __init__(self, key_pair: KeyPair, files: TlsFiles, directory: PeerDirectory) -> None:
+        super().__init__(key_pair)
+        self._cert_pem = Path(files.cert).read_text()
+        self._key_pem = Path(files.key).read_text()
+        self._verifier = CertificateVerifier(files.trust, files.crls)
+        self._directory = directory
+
+    def _extract_public_key_from_cert(self, cert: x509.Certificate) -> Any:
+        creds, key_bytes = self._verifier.verify(cert)
+        self._directory.add(creds)
+        return deserialize_public_key(key_bytes)
+
+    async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
+        try:
+            return await super().secure_inbound(conn)
+        except AdmissionError as exc:
+            logger.warning("refused inbound connection from %s: %s", _remote(conn), exc)
+            raise
+        except Exception as exc:
+            logger.warning("refused inbound connection from %s: TLS handshake failed: %s", _remote(conn), exc)
+            raise AdmissionError(f"TLS handshake failed: {exc}") from exc
+
+    async def secure_outbound(self, conn: IRawConnection, peer_id: ID) -> ISecureConn:
+        try:
+            return await super().secure_outbound(conn, peer_id)
+        except AdmissionError as exc:
+            logger.warning("refused connection to %s: %s", peer_id, exc)
+            raise
+        except Exception as exc:
+            logger.warning("refused connection to %s: TLS handshake failed: %s", peer_id, exc)
+            raise AdmissionError(f"TLS handshake with {peer_id} failed: {exc}") from exc
+
+
+def _remote(conn: IRawConnection) -> str:
+    try:
+        addr = conn.get_remote_address()
+    except Exception:  # some raw connections do not know it
+        return "unknown address"
+    return f"{addr[0]}:{addr[1]}" if addr else "unknown address"

@@ -1,0 +1,319 @@
+"""The py-libp2p host behind every Hypha node, and the only module that builds one.
+
+Owns host construction (TLS admission as the only security, Yamux only, one connection per
+peer), the start order of services (pubsub, gossipsub, DHT, relay) before any dial, dialing
+gateways and peers (directly, or through a gateway's relay circuit), relay reservations,
+and the ``Node`` facade that roles use: RPC, gossip, DHT. Library errors are translated
+into ``hypha.errors`` here. Roles never import libp2p.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519Private
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.security.tls.transport import PROTOCOL_ID as TLS_PROTOCOL
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+from cryptography.hazmat.primitives import serialization
+
+from hypha.errors import NetworkError, PeerUnreachableError
+from hypha.net import pubsub as ps
+from hypha.net.admission import AdmissionTransport, PeerDirectory
+from hypha.net.dht import Dht
+from hypha.net.rpc import M, RpcServer, Stream, exchange
+from hypha.pki.ca import load_private_key
+from hypha.pki.verify import TlsFiles
+from hypha.protocol import ids
+from hypha.protocol import messages as m
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What the network layer needs to know about a node (built from its config)."""
+
+    role: str
+    tls: TlsFiles
+    listen_addresses: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    external_addresses: list[str] = field(default_factory=list)
+    gateway_addresses: list[str] = field(default_factory=list)
+    relay_circuit: bool = False
+    exclude_cidr: list[str] = field(default_factory=list)
+    rpc_timeout_seconds: float = 10.0
+    relay_hop: bool = False
+    relay_max_reservations: int = 128
+    relay_max_circuits: int = 16
+
+
+def _key_pair(path: Any) -> KeyPair:
+    key = load_private_key(path)
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    private = Libp2pEd25519Private.from_bytes(raw)
+    return KeyPair(private, private.get_public_key())
+
+
+class Node:
+    """A running Hypha network node. Create it with ``open_node``."""
+
+    def __init__(self, settings: NodeSettings, host: Any, directory: PeerDirectory) -> None:
+        self.settings = settings
+        self.role = settings.role
+        self._host = host
+        self.directory = directory
+        self.peer_id: str = str(host.get_id().to_base58())
+        self.rpc = RpcServer(directory.role, settings.rpc_timeout_seconds)
+        self.dht: Dht
+        self.gossip: ps.Gossip
+        self._relay: CircuitV2Transport | None = None
+        self._relay_protocol: CircuitV2Protocol | None = None
+        self._gateways: list[PeerInfo] = []
+        self._excluded = [ipaddress.ip_network(c, strict=False) for c in settings.exclude_cidr]
+        self.healthy = False
+
+    # --- addresses --------------------------------------------------------------------
+
+    def listen_addrs(self) -> list[str]:
+        """Addresses others can dial, each ending in ``/p2p/<peer id>``."""
+        out = [str(a) for a in self._host.get_addrs()]
+        out += [f"{a}/p2p/{self.peer_id}" for a in self.settings.external_addresses]
+        return out
+
+    def gateway_ids(self) -> list[str]:
+        return [str(info.peer_id) for info in self._gateways]
+
+    def _allowed(self, addr: multiaddr.Multiaddr) -> bool:
+        if not self._excluded:
+            return True
+        for proto in ("ip4", "ip6"):
+            try:
+                value = addr.value_for_protocol(proto)
+            except Exception:  # not present in this address
+                continue
+            if value and any(ipaddress.ip_address(value) in net for net in self._excluded):
+                return False
+        return True
+
+    # --- connections ------------------------------------------------------------------
+
+    async def connect(self, addr: str) -> str:
+        """Dial a full multiaddr (``.../p2p/<id>``); return the peer ID."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:
+            raise NetworkError(f"invalid peer address {addr!r}: {exc}") from exc
+        try:
+            await self._host.connect(info)
+        except Exception as exc:
+            raise PeerUnreachableError(f"cannot connect to {addr}: {_leaf(exc)}") from exc
+        return str(info.peer_id)
+
+    def is_connected(self, peer_id: str) -> bool:
+        return bool(self._host.get_network().get_connections(ID.from_base58(peer_id)))
+
+    async def ensure_connected(self, peer_id: str) -> None:
+        """Connect to ``peer_id`` directly if any known address allows, else via a relay."""
+        pid = ID.from_base58(peer_id)
+        if self.is_connected(peer_id):
+            return
+        addrs = [a for a in self._host.get_peerstore().addrs(pid) if self._allowed(a)] if _known(self._host, pid) else []
+        if addrs:
+            try:
+                await self._host.connect(PeerInfo(pid, addrs))
+                return
+            except Exception as exc:
+                logger.debug("direct dial of %s failed: %s", peer_id, _leaf(exc))
+        errors = []
+        for gateway in self._gateways:
+            if str(gateway.peer_id) == peer_id:
+                continue
+            circuit = multiaddr.Multiaddr(f"{gateway.addrs[0]}/p2p/{gateway.peer_id}/p2p-circuit/p2p/{peer_id}")
+            try:
+                assert self._relay is not None
+                await self._relay.dial(circuit)
+                return
+            except Exception as exc:
+                errors.append(f"via {gateway.peer_id}: {_leaf(exc)}")
+        raise PeerUnreachableError(f"cannot reach {peer_id}: " + ("; ".join(errors) or "no known address"))
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """Open a stream to ``peer_id`` for ``protocol``, connecting first if needed."""
+        await self.ensure_connected(peer_id)
+        try:
+            stream: Stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+        except Exception as exc:
+            raise NetworkError(f"cannot open {protocol} to {peer_id}: {_leaf(exc)}") from exc
+        return stream
+
+    async def request(self, peer_id: str, msg: m.Msg, expect: type[M], protocol: str = ids.API_PROTOCOL) -> M:
+        """Send one request and return the typed response (bounded by ``rpc_timeout_seconds``)."""
+        with trio.fail_after(self.settings.rpc_timeout_seconds):
+            stream = await self.open_stream(peer_id, protocol)
+            return await exchange(stream, msg, expect)
+
+    def set_stream_handler(self, protocol: str, handler: Callable[[Stream, str], Awaitable[None]]) -> None:
+        """Serve raw streams of ``protocol``; ``handler(stream, peer_id)``."""
+
+        async def _handler(stream: Any) -> None:
+            peer = str(stream.muxed_conn.peer_id)
+            try:
+                await handler(stream, peer)
+            except Exception:
+                logger.exception("stream handler for %s failed (peer %s)", protocol, peer)
+                try:
+                    await stream.reset()
+                except Exception:  # already gone
+                    pass
+
+        self._host.set_stream_handler(TProtocol(protocol), _handler)
+
+    async def disconnect(self, peer_id: str) -> None:
+        try:
+            await self._host.disconnect(ID.from_base58(peer_id))
+        except Exception as exc:
+            logger.debug("disconnect %s: %s", peer_id, exc)
+
+    def connected_peers(self) -> list[str]:
+        return [str(p) for p in self._host.get_network().connections]
+
+    # --- health -----------------------------------------------------------------------
+
+    async def _health(self, peer: str, request: m.HealthRequest) -> m.HealthResponse:
+        return m.HealthResponse(healthy=self.healthy, role=self.role, peer_id=self.peer_id)
+
+
+def _known(host: Any, pid: ID) -> bool:
+    try:
+        return pid in host.get_peerstore().peer_ids()
+    except Exception:
+        return False
+
+
+def _leaf(exc: BaseException) -> str:
+    """The innermost message of a (possibly nested) exception group."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    cause = exc.__cause__
+    text = str(exc) or type(exc).__name__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text} ({cause})"
+    return text
+
+
+@asynccontextmanager
+async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
+    """Start a node: host, services, listeners, gateway dials, relay reservation.
+
+    Cancellation: leaving the context stops every service and closes every connection.
+
+    Raises:
+        NetworkError: no gateway in ``gateway_addresses`` could be reached.
+        ConfigError: unreadable key or certificate files.
+    """
+    directory = PeerDirectory()
+    key_pair = _key_pair(settings.tls.key)
+    security = AdmissionTransport(key_pair, settings.tls, directory)
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={TLS_PROTOCOL: security},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL): Yamux},
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        listen_addrs=[multiaddr.Multiaddr(a) for a in settings.listen_addresses] or None,
+    )
+    node = Node(settings, host, directory)
+    for protocol in (ids.API_PROTOCOL, ids.PROGRESS_PROTOCOL, ids.HEALTH_PROTOCOL):
+        node.set_stream_handler(protocol, node.rpc.handle)
+    node.rpc.register(m.HealthRequest, node._health)
+    async with AsyncExitStack() as stack:
+        listen = [multiaddr.Multiaddr(a) for a in settings.listen_addresses]
+        await stack.enter_async_context(host.run(listen_addrs=listen))
+        # Services before any dial: the pubsub handler crashes the run otherwise.
+        node.gossip = await stack.enter_async_context(ps.open_gossip(host, directory))
+        dht = KadDHT(host, DHTMode.SERVER)
+        node.dht = Dht(dht)
+        await stack.enter_async_context(background_trio_service(dht))
+        await _start_relay(node, host, stack)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await _join_gateways(node, host, nursery)
+        node.healthy = True
+        logger.info("node %s (%s) up at %s", node.peer_id, node.role, node.listen_addrs())
+        yield node
+        node.healthy = False
+        nursery.cancel_scope.cancel()
+
+
+async def _start_relay(node: Node, host: Any, stack: AsyncExitStack) -> None:
+    s = node.settings
+    limits = RelayLimits(
+        duration=3600,
+        data=1 << 34,
+        max_circuit_conns=s.relay_max_circuits,
+        max_reservations=s.relay_max_reservations,
+    )
+    if s.relay_hop:
+        protocol = CircuitV2Protocol(host, limits, allow_hop=True)
+        roles = RelayRole.HOP | RelayRole.STOP
+    else:
+        protocol = CircuitV2Protocol(host, limits, allow_hop=False)
+        roles = RelayRole.STOP
+    await stack.enter_async_context(background_trio_service(protocol))
+    node._relay_protocol = protocol
+    node._relay = CircuitV2Transport(host, protocol, RelayConfig(roles=roles, limits=limits))
+
+
+async def _join_gateways(node: Node, host: Any, nursery: trio.Nursery) -> None:
+    addrs = node.settings.gateway_addresses
+    if not addrs:
+        return
+    errors: list[str] = []
+    for addr in addrs:
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:
+            errors.append(f"{addr}: not a multiaddr with /p2p/<peer id>: {exc}")
+            continue
+        try:
+            with trio.fail_after(node.settings.rpc_timeout_seconds):
+                await host.connect(info)
+        except Exception as exc:
+            errors.append(f"{addr}: {_leaf(exc)}")
+            logger.warning("gateway %s unreachable: %s", addr, _leaf(exc))
+            continue
+        node._gateways.append(info)
+        if node.settings.relay_circuit and node._relay is not None:
+            try:
+                with trio.fail_after(node.settings.rpc_timeout_seconds):
+                    stream = await host.new_stream(info.peer_id, [HOP_PROTOCOL])
+                    ok = await node._relay.reserve(stream, info.peer_id, nursery)
+                if not ok:
+                    logger.warning("relay reservation on %s refused", info.peer_id)
+            except Exception as exc:
+                logger.warning("relay reservation on %s failed: %s", info.peer_id, _leaf(exc))
+    if not node._gateways:
+        raise NetworkError("no gateway reachable: " + "; ".join(errors))
+    with trio.move_on_after(node.settings.rpc_timeout_seconds):
+        await node.dht.bootstrap()

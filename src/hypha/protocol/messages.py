@@ -1,0 +1,363 @@
+"""Every message that crosses a process boundary over the P2P network.
+
+Messages are frozen msgspec Structs tagged by ``kind``. Requests and responses come in
+``XRequest``/``XResponse`` pairs where a pair exists; records are plain nouns. Times on the
+wire (``expires_at``) are UNIX seconds because peers do not share a monotonic clock; each
+side converts to its own ``trio.current_time()`` on receipt. Bridge bodies (executor <->
+worker over HTTP) live in ``protocol/bridge.py``; this module knows nothing of transports.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+ExecutorClass = Literal["train", "aggregate"]
+TaskState = Literal["running", "finished", "failed", "cancelled"]
+Encoding = Literal["fp32", "fp16", "int8"]
+Purpose = Literal["slice", "update", "weights", "file"]
+
+
+class Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    """Base of every wire message; subclasses get a ``kind`` tag from their class name."""
+
+
+class ResourceSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Wire form of a resource amount (``hypha.resources.Resources`` does the arithmetic)."""
+
+    gpu: float = 0.0
+    cpu: float = 0.0
+    memory: float = 0.0
+    storage: float = 0.0
+
+
+class ExecutorDescriptor(msgspec.Struct, frozen=True, kw_only=True):
+    """Which kind of executor a task needs: ``class`` train|aggregate and a name."""
+
+    executor_class: ExecutorClass = msgspec.field(name="class")
+    name: str
+
+
+# --- generic ---------------------------------------------------------------------------
+
+
+class Ack(Msg, frozen=True, kw_only=True):
+    """Plain acknowledgement."""
+
+
+class ErrorResponse(Msg, frozen=True, kw_only=True):
+    """A request failed; ``code`` is machine readable, ``detail`` is for people."""
+
+    code: str
+    detail: str
+
+
+class HealthRequest(Msg, frozen=True, kw_only=True):
+    """Is the node up?"""
+
+
+class HealthResponse(Msg, frozen=True, kw_only=True):
+    healthy: bool
+    role: str
+    peer_id: str
+
+
+class EchoRequest(Msg, frozen=True, kw_only=True):
+    """Diagnostics: the node answers with the same payload."""
+
+    payload: str
+
+
+class EchoResponse(Msg, frozen=True, kw_only=True):
+    payload: str
+
+
+# --- allocation (ARCHITECTURE.md section 5) --------------------------------------------
+
+
+class WorkerRequest(Msg, frozen=True, kw_only=True):
+    """A scheduler's advertisement on the ``hypha/worker`` topic."""
+
+    id: str
+    scheduler: str
+    resources: ResourceSpec
+    executors: list[ExecutorDescriptor]
+    bid: float
+    expires_at: float
+
+
+class OfferRequest(Msg, frozen=True, kw_only=True):
+    """A worker offers to serve a ``WorkerRequest``; answered by ``OfferDecision``."""
+
+    lease_id: str
+    request_id: str
+    worker: str
+    price: float
+    resources: ResourceSpec
+    expires_at: float
+
+
+class OfferDecision(Msg, frozen=True, kw_only=True):
+    """The scheduler's explicit answer to an offer."""
+
+    lease_id: str
+    accepted: bool
+    lease_seconds: float = 0.0
+
+
+class RenewLeaseRequest(Msg, frozen=True, kw_only=True):
+    lease_id: str
+
+
+class LeaseRenewed(Msg, frozen=True, kw_only=True):
+    lease_id: str
+    lease_seconds: float
+
+
+class LeaseGone(Msg, frozen=True, kw_only=True):
+    lease_id: str
+    reason: str
+
+
+class ReleaseLeaseRequest(Msg, frozen=True, kw_only=True):
+    lease_id: str
+
+
+# --- work -------------------------------------------------------------------------------
+
+
+class DispatchTask(Msg, frozen=True, kw_only=True):
+    """Start a task under a lease. ``config`` is the task's JSON document (see training)."""
+
+    lease_id: str
+    task_id: str
+    job_id: str
+    executor: ExecutorDescriptor
+    config: bytes
+
+
+class Dispatched(Msg, frozen=True, kw_only=True):
+    task_id: str
+
+
+class Refused(Msg, frozen=True, kw_only=True):
+    reason: str
+
+
+class CancelTask(Msg, frozen=True, kw_only=True):
+    lease_id: str
+    task_id: str
+
+
+class TaskStatus(Msg, frozen=True, kw_only=True):
+    """A task changed state (worker -> scheduler)."""
+
+    task_id: str
+    job_id: str
+    state: TaskState
+    exit_code: int | None = None
+    detail: str = ""
+
+
+# --- training progress ------------------------------------------------------------------
+
+
+class BatchesDone(Msg, frozen=True, kw_only=True):
+    """Several inner batches finished since the last report."""
+
+    round: int
+    batches: int
+    samples: int
+    seconds: float
+    loss: float | None = None
+
+
+class UpdateSent(Msg, frozen=True, kw_only=True):
+    round: int
+    samples: int
+
+
+class UpdateApplied(Msg, frozen=True, kw_only=True):
+    round: int
+
+
+class Metrics(Msg, frozen=True, kw_only=True):
+    round: int
+    values: dict[str, float]
+
+
+ProgressEvent = BatchesDone | UpdateSent | UpdateApplied | Metrics
+
+
+class ProgressRequest(Msg, frozen=True, kw_only=True):
+    """Progress of one task, relayed by its worker to the scheduler."""
+
+    job_id: str
+    task_id: str
+    event: ProgressEvent
+
+
+class Continue(Msg, frozen=True, kw_only=True):
+    """Keep running inner steps."""
+
+
+class SyncAfter(Msg, frozen=True, kw_only=True):
+    """Run ``batches`` more batches, then send the pseudo-gradient of ``round``."""
+
+    round: int
+    batches: int
+
+
+class Done(Msg, frozen=True, kw_only=True):
+    """The job is over; exit."""
+
+
+Instruction = Continue | SyncAfter | Done
+
+
+class RoundClosed(Msg, frozen=True, kw_only=True):
+    """The parameter server applied the outer step of ``round`` (PS -> scheduler)."""
+
+    job_id: str
+    round: int
+    num_updates: int
+    samples: int
+    loss: float | None = None
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+class DatasetRecord(Msg, frozen=True, kw_only=True):
+    """The DHT value under ``/hypha/dataset/<name>``."""
+
+    name: str
+    num_slices: int
+    manifest_sha256: str
+
+
+class ManifestRequest(Msg, frozen=True, kw_only=True):
+    dataset: str
+
+
+class ManifestResponse(Msg, frozen=True, kw_only=True):
+    """The dataset's ``manifest.json`` bytes, exactly as written by ``hypha data prepare``."""
+
+    dataset: str
+    manifest: bytes
+
+
+class SliceRequest(Msg, frozen=True, kw_only=True):
+    """Ask a data node for one slice; answered by a ``TensorOffer`` for its bytes."""
+
+    dataset: str
+    index: int
+
+
+class NextSliceRequest(Msg, frozen=True, kw_only=True):
+    """A worker asks its scheduler which slice to train on next."""
+
+    job_id: str
+    dataset: str
+
+
+class SliceAssign(Msg, frozen=True, kw_only=True):
+    dataset: str
+    index: int
+    epoch: int
+    sha256: str
+    providers: list[str]
+
+
+class NoSlice(Msg, frozen=True, kw_only=True):
+    reason: str
+
+
+class SliceUsed(Msg, frozen=True, kw_only=True):
+    job_id: str
+    dataset: str
+    index: int
+
+
+# --- bulk tensors -------------------------------------------------------------------------
+
+
+class TensorOffer(Msg, frozen=True, kw_only=True):
+    """Bytes ready to be pulled: dial ``address`` (TLS) or open ``/hypha/tensor/1``.
+
+    The receiver presents ``token`` on the bulk connection and gets exactly ``size`` bytes
+    whose sha256 must equal ``sha256``.
+    """
+
+    transfer_id: str
+    purpose: Purpose
+    size: int
+    sha256: str
+    token: str
+    address: str | None = None
+    name: str = ""
+    job_id: str = ""
+    task_id: str = ""
+    round: int = 0
+    samples: int = 0
+    encoding: Encoding = "fp32"
+
+
+class TensorPushRequest(Msg, frozen=True, kw_only=True):
+    """The sender asks the receiver to pull an offered transfer; answered once stored."""
+
+    offer: TensorOffer
+
+
+class TransferDone(Msg, frozen=True, kw_only=True):
+    transfer_id: str
+    ok: bool
+    detail: str = ""
+
+
+class StreamPullRequest(Msg, frozen=True, kw_only=True):
+    """First frame on ``/hypha/tensor/1``: the token of the offer to stream."""
+
+    transfer_id: str
+    token: str
+
+
+Message = (
+    Ack
+    | ErrorResponse
+    | HealthRequest
+    | HealthResponse
+    | EchoRequest
+    | EchoResponse
+    | WorkerRequest
+    | OfferRequest
+    | OfferDecision
+    | RenewLeaseRequest
+    | LeaseRenewed
+    | LeaseGone
+    | ReleaseLeaseRequest
+    | DispatchTask
+    | Dispatched
+    | Refused
+    | CancelTask
+    | TaskStatus
+    | ProgressRequest
+    | Continue
+    | SyncAfter
+    | Done
+    | RoundClosed
+    | DatasetRecord
+    | ManifestRequest
+    | ManifestResponse
+    | SliceRequest
+    | NextSliceRequest
+    | SliceAssign
+    | NoSlice
+    | SliceUsed
+    | TensorOffer
+    | TensorPushRequest
+    | TransferDone
+    | StreamPullRequest
+)
+"""Every message the codec accepts at a stream boundary."""

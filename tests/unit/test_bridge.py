@@ -1,0 +1,457 @@
+"""The job bridge server on a real Unix socket, driven by httpx, with a fake worker backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hypha import errors
+from hypha.bridge import BridgeBackend, resolve_in, serve_bridge
+from hypha.protocol import bridge as b
+
+JOB = b'{"job_id": "j1", "config": {"lr": 0.001}}'
+
+
+class FakeBackend:
+    """A worker side that writes small files and records what the executor asked for."""
+
+    def __init__(self, task_id: str = "task-1") -> None:
+        self.task_id = task_id
+        self.fail_with: BaseException | None = None
+        self.bad_path = False
+        self.sent: list[tuple[b.SendRequest, Path]] = []
+        self.reports: list[b.ProgressBody] = []
+        self.metric_reports: list[b.MetricsBody] = []
+        self.subscribed = trio.Event()
+        self._subscribers: list[trio.MemorySendChannel[b.ReceivedFile]] = []
+        self._pending: list[b.ReceivedFile] = []
+
+    def job_document(self) -> bytes:
+        return JOB
+
+    async def fetch(self, ref: b.Reference, work_dir: Path) -> list[b.FetchedFile]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        if self.bad_path:
+            return [b.FetchedFile(path="../outside", size=0, sha256="")]
+        if isinstance(ref, b.SliceRef):
+            name, extra = "slices/3.safetensors", {"index": 3, "dataset": ref.dataset, "epoch": 1}
+        elif isinstance(ref, b.WeightsRef):
+            name, extra = f"weights/{ref.round}.safetensors", {}
+        elif isinstance(ref, b.PeerFileRef):
+            name, extra = f"files/{ref.name}", {}
+        else:
+            name, extra = "files/uri.bin", {}
+        data = f"{self.task_id}:{name}".encode()
+        (work_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (work_dir / name).write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+        return [b.FetchedFile(path=name, size=len(data), sha256=digest, **extra)]
+
+    async def send(self, request: b.SendRequest, path: Path) -> list[str]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.sent.append((request, path))
+        return list(request.peers) or [f"{request.target}-peer"]
+
+    def subscribe_received(self) -> trio.MemoryReceiveChannel[b.ReceivedFile]:
+        send, receive = trio.open_memory_channel[b.ReceivedFile](16)
+        for item in self._pending:
+            send.send_nowait(item)
+        self._pending.clear()
+        self._subscribers.append(send)
+        self.subscribed.set()
+        return receive
+
+    def deliver(self, item: b.ReceivedFile) -> None:
+        live = []
+        for channel in self._subscribers:
+            try:
+                channel.send_nowait(item)
+                live.append(channel)
+            except trio.BrokenResourceError:
+                channel.close()
+        self._subscribers = live
+        if not live:
+            self._pending.append(item)
+
+    def num_subscribers(self) -> int:
+        """Live subscriptions (probing each one, so hung-up streams drop out)."""
+        self._subscribers = [c for c in self._subscribers if not _is_broken(c)]
+        return len(self._subscribers)
+
+    def end_streams(self) -> None:
+        for channel in self._subscribers:
+            channel.close()
+        self._subscribers = []
+
+    async def progress(self, body: b.ProgressBody) -> b.InstructionBody:
+        self.reports.append(body)
+        if isinstance(body, b.UpdateAppliedReport):
+            return b.InstructionBody(action="done")
+        return b.InstructionBody(action="sync", batches=5, round=body.round)
+
+    async def metrics(self, body: b.MetricsBody) -> None:
+        self.metric_reports.append(body)
+
+
+def _is_broken(channel: trio.MemorySendChannel[b.ReceivedFile]) -> bool:
+    return channel.statistics().open_receive_channels == 0
+
+
+def received(task: str, n: int = 0) -> b.ReceivedFile:
+    return b.ReceivedFile(
+        path=f"incoming/{task}-{n}", size=n, sha256="0" * 64, from_peer="peer-x", purpose="update"
+    )
+
+
+@dataclass
+class Bridge:
+    backend: FakeBackend
+    client: httpx.AsyncClient
+    work_dir: Path
+    socket_path: Path
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # AF_UNIX paths must stay under 108 bytes; pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="hb-", dir="/tmp") as name:
+        yield Path(name)
+
+
+async def open_bridge(
+    nursery: trio.Nursery, root: Path, backend: FakeBackend, **kwargs: float
+) -> tuple[Path, Path]:
+    work_dir = root / backend.task_id
+    work_dir.mkdir(mode=0o700)
+    socket_path = root / f"{backend.task_id}.sock"
+    started = await nursery.start(partial(serve_bridge, backend, socket_path, work_dir, **kwargs))
+    assert started == socket_path
+    return socket_path, work_dir
+
+
+def client_for(socket_path: Path) -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(uds=str(socket_path))
+    return httpx.AsyncClient(transport=transport, base_url="http://hypha", timeout=10)
+
+
+@pytest.fixture
+async def bridge(nursery: trio.Nursery, short_dir: Path) -> AsyncIterator[Bridge]:
+    backend = FakeBackend()
+    socket_path, work_dir = await open_bridge(
+        nursery, short_dir, backend, max_body_bytes=4096, keepalive_seconds=0.05
+    )
+    async with client_for(socket_path) as client:
+        yield Bridge(backend, client, work_dir, socket_path)
+
+
+async def assert_refused(response: httpx.Response, status: int, error: str) -> None:
+    assert response.status_code == status, response.text
+    body = msgspec.json.decode(response.content, type=b.ErrorBody)
+    assert body.error == error
+    assert body.detail
+
+
+async def assert_healthy(bridge: Bridge) -> None:
+    response = await bridge.client.get("/health")
+    assert response.status_code == 200
+    assert msgspec.json.decode(response.content, type=b.HealthBody).ok
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+async def test_health_and_job(bridge: Bridge) -> None:
+    health = await bridge.client.get("/health")
+    assert msgspec.json.decode(health.content, type=b.HealthBody) == b.HealthBody(
+        ok=True, task_id="task-1"
+    )
+    job = await bridge.client.get("/job")
+    assert job.status_code == 200
+    assert job.content == JOB
+    assert job.headers["content-type"] == "application/json"
+
+
+async def test_openapi_lists_every_route(bridge: Bridge) -> None:
+    document = (await bridge.client.get("/openapi.json")).json()
+    assert document["openapi"] == "3.1.0"
+    assert set(document["paths"]) == {
+        "/job",
+        "/resources/fetch",
+        "/resources/send",
+        "/resources/receive",
+        "/progress",
+        "/metrics",
+        "/health",
+        "/openapi.json",
+    }
+    schemas = document["components"]["schemas"]
+    assert {"FetchRequest", "SendRequest", "ReceivedFile", "ErrorBody"} <= set(schemas)
+
+
+@pytest.mark.parametrize(
+    ("ref", "path"),
+    [
+        (b.SliceRef(dataset="mnist"), "slices/3.safetensors"),
+        (b.WeightsRef(round=2), "weights/2.safetensors"),
+        (b.PeerFileRef(peer="p1", name="vocab.json"), "files/vocab.json"),
+        (b.UriRef(uri="https://example.org/x"), "files/uri.bin"),
+    ],
+)
+async def test_fetch_each_reference(bridge: Bridge, ref: b.Reference, path: str) -> None:
+    response = await bridge.client.post(
+        "/resources/fetch", content=msgspec.json.encode(b.FetchRequest(ref=ref))
+    )
+    assert response.status_code == 200, response.text
+    (fetched,) = msgspec.json.decode(response.content, type=b.FetchResponse).files
+    assert fetched.path == path
+    data = (bridge.work_dir / path).read_bytes()
+    assert fetched.size == len(data)
+    assert fetched.sha256 == hashlib.sha256(data).hexdigest()
+    if isinstance(ref, b.SliceRef):
+        assert (fetched.index, fetched.dataset, fetched.epoch) == (3, "mnist", 1)
+
+
+async def test_send_to_peers_and_roles(bridge: Bridge) -> None:
+    (bridge.work_dir / "out").mkdir()
+    (bridge.work_dir / "out" / "update.bin").write_bytes(b"delta")
+    request = b.SendRequest(path="out/update.bin", peers=["a", "b"], purpose="update", round=4)
+    response = await bridge.client.post("/resources/send", content=msgspec.json.encode(request))
+    assert response.status_code == 200, response.text
+    assert msgspec.json.decode(response.content, type=b.SendResponse).delivered == ["a", "b"]
+    to_ps = b.SendRequest(path="out/update.bin", target="parameter_server", samples=64)
+    response = await bridge.client.post("/resources/send", content=msgspec.json.encode(to_ps))
+    assert response.json() == {"delivered": ["parameter_server-peer"]}
+    assert [(r, p) for r, p in bridge.backend.sent] == [
+        (request, bridge.work_dir.resolve() / "out" / "update.bin"),
+        (to_ps, bridge.work_dir.resolve() / "out" / "update.bin"),
+    ]
+
+
+async def test_progress_and_metrics(bridge: Bridge) -> None:
+    reports: list[b.ProgressBody] = [
+        b.ProgressReport(batches=10, samples=320, seconds=1.5, loss=0.25, round=2),
+        b.UpdateSentReport(round=2, samples=320),
+        b.UpdateAppliedReport(round=2),
+    ]
+    instructions = []
+    for report in reports:
+        response = await bridge.client.post("/progress", content=msgspec.json.encode(report))
+        assert response.status_code == 200, response.text
+        instructions.append(msgspec.json.decode(response.content, type=b.InstructionBody))
+    assert instructions[0] == b.InstructionBody(action="sync", batches=5, round=2)
+    assert instructions[2].action == "done"
+    assert bridge.backend.reports == reports
+    metrics = b.MetricsBody(round=2, values={"loss": 0.25, "accuracy": 0.9})
+    response = await bridge.client.post("/metrics", content=msgspec.json.encode(metrics))
+    assert response.status_code == 204
+    assert bridge.backend.metric_reports == [metrics]
+
+
+# --- receive (server-sent events) ----------------------------------------------------------
+
+
+async def next_event(lines: AsyncIterator[str]) -> b.ReceivedFile:
+    """Skip comments and blank lines; decode the next ``data:`` line."""
+    async for line in lines:
+        if line.startswith("data: "):
+            return msgspec.json.decode(line[6:], type=b.ReceivedFile)
+    raise AssertionError("stream ended")
+
+
+async def test_receive_streams_files_and_keepalives(bridge: Bridge) -> None:
+    early = received("task-1", 0)
+    bridge.backend.deliver(early)  # nobody subscribed yet: queued for the first subscriber
+    async with bridge.client.stream("GET", "/resources/receive") as response:
+        assert response.headers["content-type"] == "text/event-stream"
+        lines = response.aiter_lines()
+        assert await next_event(lines) == early
+        late = received("task-1", 1)
+        bridge.backend.deliver(late)
+        assert await next_event(lines) == late
+        async for line in lines:  # idle: keepalive comments every keepalive_seconds
+            if line == ": keepalive":
+                break
+        bridge.backend.end_streams()
+        assert [line async for line in lines if line.startswith("data:")] == []
+    await assert_healthy(bridge)
+
+
+async def test_receive_unsubscribes_when_client_hangs_up(bridge: Bridge) -> None:
+    async with bridge.client.stream("GET", "/resources/receive") as response:
+        assert response.status_code == 200
+        assert bridge.backend.num_subscribers() == 1
+    with trio.fail_after(5):
+        while bridge.backend.num_subscribers():
+            await trio.sleep(0.01)
+    await assert_healthy(bridge)
+
+
+async def test_two_bridges_keep_their_files_apart(nursery: trio.Nursery, short_dir: Path) -> None:
+    backends = [FakeBackend("task-a"), FakeBackend("task-b")]
+    sockets = [(await open_bridge(nursery, short_dir, be))[0] for be in backends]
+    async with client_for(sockets[0]) as client_a, client_for(sockets[1]) as client_b:
+        async with (
+            client_a.stream("GET", "/resources/receive") as stream_a,
+            client_b.stream("GET", "/resources/receive") as stream_b,
+        ):
+            for n in range(3):
+                backends[0].deliver(received("task-a", n))
+                backends[1].deliver(received("task-b", n))
+            lines_a, lines_b = stream_a.aiter_lines(), stream_b.aiter_lines()
+            got_a = [await next_event(lines_a) for _ in range(3)]
+            got_b = [await next_event(lines_b) for _ in range(3)]
+    assert got_a == [received("task-a", n) for n in range(3)]
+    assert got_b == [received("task-b", n) for n in range(3)]
+
+
+# --- hardening ------------------------------------------------------------------------------
+
+
+async def test_socket_is_private_and_removed_on_exit(short_dir: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        socket_path, _ = await open_bridge(nursery, short_dir, FakeBackend())
+        mode = os.stat(socket_path).st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o600
+        nursery.cancel_scope.cancel()
+    assert not socket_path.exists()
+
+
+@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../x", "escape/passwd", ""])
+async def test_send_refuses_paths_outside_work_dir(bridge: Bridge, path: str) -> None:
+    (bridge.work_dir / "escape").symlink_to("/etc")
+    request = json.dumps({"path": path, "peers": ["a"]})
+    response = await bridge.client.post("/resources/send", content=request)
+    await assert_refused(response, 400, "invalid_request")
+    assert bridge.backend.sent == []
+    await assert_healthy(bridge)
+
+
+async def test_send_refuses_missing_file_and_bad_targets(bridge: Bridge) -> None:
+    (bridge.work_dir / "f").write_bytes(b"x")
+    for body in [
+        {"path": "nope", "peers": ["a"]},
+        {"path": "f"},  # target peers without peers
+        {"path": "f", "target": "trainers", "peers": ["a"]},
+        {"path": "f", "peers": ["a"], "encoding": "bf17"},
+    ]:
+        response = await bridge.client.post("/resources/send", content=json.dumps(body))
+        await assert_refused(response, 400, "invalid_request")
+    await assert_healthy(bridge)
+
+
+@pytest.mark.parametrize("route", ["/resources/fetch", "/resources/send", "/progress", "/metrics"])
+@pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", b'{"ref": {"type": "ftp"}}'])
+async def test_malformed_bodies_are_400(bridge: Bridge, route: str, body: bytes) -> None:
+    await assert_refused(await bridge.client.post(route, content=body), 400, "invalid_request")
+    await assert_healthy(bridge)
+
+
+async def test_unknown_reference_type_is_400(bridge: Bridge) -> None:
+    body = {"ref": {"type": "huggingface", "repository": "x/y"}}
+    response = await bridge.client.post("/resources/fetch", content=json.dumps(body))
+    await assert_refused(response, 400, "invalid_request")
+    assert "huggingface" in response.json()["detail"]
+
+
+async def test_oversized_body_is_413(bridge: Bridge) -> None:
+    body = b'{"ref": {"type": "uri", "uri": "' + b"x" * 100_000 + b'"}}'
+    response = await bridge.client.post("/resources/fetch", content=body)
+    await assert_refused(response, 413, "payload_too_large")
+
+    async def chunks() -> AsyncIterator[bytes]:  # chunked, no content-length
+        for _ in range(50):
+            yield b"y" * 1000
+
+    response = await bridge.client.post("/progress", content=chunks())
+    await assert_refused(response, 413, "payload_too_large")
+    await assert_healthy(bridge)
+
+
+async def test_unknown_route_and_wrong_method(bridge: Bridge) -> None:
+    await assert_refused(await bridge.client.get("/nope"), 404, "not_found")
+    response = await bridge.client.get("/progress")
+    await assert_refused(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
+    await assert_refused(await bridge.client.post("/health"), 405, "method_not_allowed")
+    await assert_healthy(bridge)
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "error"),
+    [
+        (errors.NetworkError("peer gone"), 502, "network_error"),
+        (errors.PeerUnreachableError("no route"), 502, "network_error"),
+        (errors.TransferError("sha256 mismatch"), 502, "transfer_error"),
+        (errors.DataError("slice 9 out of range"), 400, "data_error"),
+        (ValueError("uri scheme not allowed"), 400, "invalid_request"),
+        (errors.LeaseError("lease expired"), 409, "conflict"),
+        (OSError(28, "No space left on device"), 500, "io_error"),
+        (RuntimeError("bug"), 500, "internal_error"),
+    ],
+)
+async def test_backend_errors_map_to_status(
+    bridge: Bridge, exc: Exception, status: int, error: str
+) -> None:
+    bridge.backend.fail_with = exc
+    request = msgspec.json.encode(b.FetchRequest(ref=b.SliceRef()))
+    await assert_refused(await bridge.client.post("/resources/fetch", content=request), status, error)
+    await assert_healthy(bridge)
+
+
+async def test_backend_path_outside_work_dir_is_500(bridge: Bridge) -> None:
+    bridge.backend.bad_path = True
+    request = msgspec.json.encode(b.FetchRequest(ref=b.SliceRef()))
+    response = await bridge.client.post("/resources/fetch", content=request)
+    await assert_refused(response, 500, "internal_error")
+
+
+# --- resolve_in -----------------------------------------------------------------------------
+
+
+def test_resolve_in_follows_symlinks_inside_only(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "inside").symlink_to(tmp_path / "data")
+    (tmp_path / "outside").symlink_to(tmp_path.parent)
+    assert resolve_in(tmp_path, "inside/x") == (tmp_path / "data" / "x").resolve()
+    assert resolve_in(tmp_path, "./data/./y") == (tmp_path / "data" / "y").resolve()
+    for bad in ["outside/x", "/abs", "..", "a/../b", "x\x00y", ""]:
+        with pytest.raises(ValueError, match="path"):
+            resolve_in(tmp_path, bad)
+
+
+_parts = st.sampled_from(["a", "b", ".", "..", "", "c.txt", "..."])
+
+
+@given(st.lists(_parts, max_size=6), st.booleans())
+def test_resolve_in_never_escapes(parts: list[str], absolute: bool) -> None:
+    root = Path(tempfile.gettempdir()).resolve() / "hypha-resolve-root"
+    rel = ("/" if absolute else "") + "/".join(parts)
+    try:
+        resolved = resolve_in(root, rel)
+    except ValueError:
+        return
+    assert resolved.is_relative_to(root)
+    assert not absolute
+    assert ".." not in parts
+
+
+def test_fake_backend_satisfies_the_protocol() -> None:
+    backend: BridgeBackend = FakeBackend()
+    assert backend.task_id == "task-1"

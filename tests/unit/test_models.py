@@ -1,0 +1,178 @@
+"""Tests for the built-in models, build_model/build_hf_model and batch_loss."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypha.training.models import (
+    GPTConfig,
+    MLPClassifier,
+    MLPConfig,
+    TinyGPT,
+    batch_loss,
+    build_hf_model,
+    build_model,
+)
+
+SMALL_GPT = {"seq_len": 16, "dim": 32, "num_heads": 2, "num_layers": 2}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_gpt_shapes_and_initial_loss_near_uniform():
+    model = build_model("gpt", SMALL_GPT, seed=0)
+    assert isinstance(model, TinyGPT)
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    logits, loss = model(ids, ids)
+    assert logits.shape == (3, 16, 256)
+    assert loss is not None
+    assert loss.shape == ()
+    # Small init: predictions start close to uniform over 256 bytes.
+    assert abs(loss.item() - math.log(256)) < 0.2
+    logits_only, no_loss = model(ids)
+    assert no_loss is None
+    torch.testing.assert_close(logits_only, logits)
+
+
+def test_gpt_loss_is_next_token_over_t_minus_1_positions():
+    model = build_model("gpt", SMALL_GPT, seed=0)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    logits, loss = model(ids, ids)
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1)
+    )
+    torch.testing.assert_close(loss, expected)
+
+
+def test_gpt_is_causal():
+    model = build_model("gpt", SMALL_GPT, seed=0).eval()
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    changed = ids.clone()
+    changed[0, 7] = (changed[0, 7] + 1) % 256
+    with torch.no_grad():
+        a, _ = model(ids)
+        b, _ = model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_gpt_output_head_is_tied():
+    model = build_model("gpt", SMALL_GPT, seed=0)
+    assert isinstance(model, TinyGPT)
+    assert model.lm_head.weight is model.wte.weight
+    names = [name for name, _ in model.named_parameters()]
+    assert "wte.weight" in names
+    assert "lm_head.weight" not in names
+
+
+def test_gpt_rejects_too_long_input():
+    model = build_model("gpt", SMALL_GPT, seed=0)
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_gpt_learns_a_repeated_batch():
+    torch.manual_seed(0)
+    model = build_model("gpt", SMALL_GPT, seed=0)
+    batch = {"input_ids": torch.arange(32).reshape(2, 16) % 7}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = batch_loss(model, batch).item()
+    for _ in range(12):
+        opt.zero_grad()
+        batch_loss(model, batch).backward()
+        opt.step()
+    assert batch_loss(model, batch).item() < first / 2
+
+
+def test_mlp_shapes_and_loss():
+    model = build_model("mlp", {"input_dim": 8, "num_classes": 3, "num_layers": 3}, seed=0)
+    assert isinstance(model, MLPClassifier)
+    x = torch.randn(5, 8)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    logits, loss = model(x, y)
+    assert logits.shape == (5, 3)
+    assert loss is not None
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, y))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3
+
+
+def test_build_model_is_deterministic_per_seed_and_keeps_global_rng():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_model("gpt", SMALL_GPT, seed=7)
+    b = build_model("gpt", SMALL_GPT, seed=7)
+    c = build_model("gpt", SMALL_GPT, seed=8)
+    torch.testing.assert_close(torch.rand(3), expected_next)
+    for (name, pa), (_, pb), (_, pc) in zip(
+        a.named_parameters(), b.named_parameters(), c.named_parameters(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+def test_build_model_defaults_match_configs():
+    gpt = build_model("gpt", {}, seed=0)
+    assert isinstance(gpt, TinyGPT)
+    assert gpt.config == GPTConfig()
+    mlp = build_model("mlp", {}, seed=0)
+    assert isinstance(mlp, MLPClassifier)
+    assert mlp.config == MLPConfig()
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "match"),
+    [
+        ("resnet", {}, "resnet"),
+        ("gpt", {"width": 3}, "width"),
+        ("mlp", {"seq_len": 3}, "seq_len"),
+        ("gpt", {"dim": 2.5}, "dim"),
+        ("gpt", {"dim": 30, "num_heads": 4}, "num_heads"),
+        ("mlp", {"hidden_dim": 0}, "hidden_dim"),
+        ("gpt", {"dropout": 1.0}, "dropout"),
+        ("mlp", {"num_layers": True}, "num_layers"),
+    ],
+)
+def test_build_model_rejects_bad_input(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(name, options, seed=0)
+
+
+def test_build_model_accepts_int_for_float_option():
+    model = build_model("gpt", {**SMALL_GPT, "dropout": 0}, seed=0)
+    assert isinstance(model, TinyGPT)
+    assert model.config.dropout == 0.0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is not None, reason="transformers is installed"
+)
+def test_build_hf_model_without_transformers_says_so(tmp_path: Path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="transformers"):
+        build_hf_model(tmp_path)
+
+
+def test_batch_loss_casts_dtypes_and_checks_keys():
+    mlp = build_model("mlp", {"input_dim": 4, "num_classes": 2}, seed=0)
+    batch = {"inputs": torch.ones(3, 4, dtype=torch.float64), "labels": torch.tensor([0, 1, 1], dtype=torch.int32)}
+    assert batch_loss(mlp, batch).shape == ()
+    with pytest.raises(ValueError, match="labels"):
+        batch_loss(mlp, {"inputs": torch.ones(3, 4)})
+    gpt = build_model("gpt", SMALL_GPT, seed=0)
+    byte_batch = {"input_ids": torch.randint(0, 256, (2, 16), dtype=torch.int64).to(torch.uint8)}
+    assert batch_loss(gpt, byte_batch).shape == ()
+    with pytest.raises(ValueError, match="input_ids"):
+        batch_loss(gpt, {"inputs": torch.ones(2, 16)})
