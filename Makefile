@@ -22,6 +22,7 @@ demo: $(STAMP) ## run a local Hypha network training a model with DiLoCo
 	$(BIN)/hypha up
 
 lint: $(STAMP) ## ruff and mypy --strict
+	@mkdir -p .mypy-path && ln -sfn "$$($(BIN)/python -c 'import os, trio; print(os.path.dirname(trio.__file__))')" .mypy-path/trio
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src

@@ -73,9 +73,7 @@ class Resources:
             diff = mine - theirs
             if diff < 0:
                 if -diff > _tolerance(mine, theirs):
-                    raise ValueError(
-                        f"cannot subtract: {field.name} {theirs!r} exceeds {mine!r}"
-                    )
+                    raise ValueError(f"cannot subtract: {field.name} {theirs!r} exceeds {mine!r}")
                 diff = 0.0
             result.append(diff)
         gpu, cpu, memory, storage = result

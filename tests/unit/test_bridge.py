@@ -20,7 +20,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hypha import errors
-from hypha.bridge import BridgeBackend, resolve_in, serve_bridge
+from hypha.bridge import (
+    MAX_BODY_BYTES,
+    SSE_KEEPALIVE_SECONDS,
+    BridgeBackend,
+    resolve_in,
+    serve_bridge,
+)
 from hypha.protocol import bridge as b
 
 JOB = b'{"job_id": "j1", "config": {"lr": 0.001}}'
@@ -49,18 +55,20 @@ class FakeBackend:
         if self.bad_path:
             return [b.FetchedFile(path="../outside", size=0, sha256="")]
         if isinstance(ref, b.SliceRef):
-            name, extra = "slices/3.safetensors", {"index": 3, "dataset": ref.dataset, "epoch": 1}
+            name = "slices/3.safetensors"
         elif isinstance(ref, b.WeightsRef):
-            name, extra = f"weights/{ref.round}.safetensors", {}
+            name = f"weights/{ref.round}.safetensors"
         elif isinstance(ref, b.PeerFileRef):
-            name, extra = f"files/{ref.name}", {}
+            name = f"files/{ref.name}"
         else:
-            name, extra = "files/uri.bin", {}
+            name = "files/uri.bin"
         data = f"{self.task_id}:{name}".encode()
         (work_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (work_dir / name).write_bytes(data)
-        digest = hashlib.sha256(data).hexdigest()
-        return [b.FetchedFile(path=name, size=len(data), sha256=digest, **extra)]
+        fetched = b.FetchedFile(path=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        if isinstance(ref, b.SliceRef):
+            fetched = msgspec.structs.replace(fetched, index=3, dataset=ref.dataset, epoch=1)
+        return [fetched]
 
     async def send(self, request: b.SendRequest, path: Path) -> list[str]:
         if self.fail_with is not None:
@@ -135,12 +143,25 @@ def short_dir() -> Iterator[Path]:
 
 
 async def open_bridge(
-    nursery: trio.Nursery, root: Path, backend: FakeBackend, **kwargs: float
+    nursery: trio.Nursery,
+    root: Path,
+    backend: FakeBackend,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    keepalive_seconds: float = SSE_KEEPALIVE_SECONDS,
 ) -> tuple[Path, Path]:
     work_dir = root / backend.task_id
     work_dir.mkdir(mode=0o700)
     socket_path = root / f"{backend.task_id}.sock"
-    started = await nursery.start(partial(serve_bridge, backend, socket_path, work_dir, **kwargs))
+    serve = partial(
+        serve_bridge,
+        backend,
+        socket_path,
+        work_dir,
+        max_body_bytes=max_body_bytes,
+        keepalive_seconds=keepalive_seconds,
+    )
+    started = await nursery.start(serve)
     assert started == socket_path
     return socket_path, work_dir
 
@@ -305,17 +326,18 @@ async def test_receive_unsubscribes_when_client_hangs_up(bridge: Bridge) -> None
 async def test_two_bridges_keep_their_files_apart(nursery: trio.Nursery, short_dir: Path) -> None:
     backends = [FakeBackend("task-a"), FakeBackend("task-b")]
     sockets = [(await open_bridge(nursery, short_dir, be))[0] for be in backends]
-    async with client_for(sockets[0]) as client_a, client_for(sockets[1]) as client_b:
-        async with (
-            client_a.stream("GET", "/resources/receive") as stream_a,
-            client_b.stream("GET", "/resources/receive") as stream_b,
-        ):
-            for n in range(3):
-                backends[0].deliver(received("task-a", n))
-                backends[1].deliver(received("task-b", n))
-            lines_a, lines_b = stream_a.aiter_lines(), stream_b.aiter_lines()
-            got_a = [await next_event(lines_a) for _ in range(3)]
-            got_b = [await next_event(lines_b) for _ in range(3)]
+    async with (
+        client_for(sockets[0]) as client_a,
+        client_for(sockets[1]) as client_b,
+        client_a.stream("GET", "/resources/receive") as stream_a,
+        client_b.stream("GET", "/resources/receive") as stream_b,
+    ):
+        for n in range(3):
+            backends[0].deliver(received("task-a", n))
+            backends[1].deliver(received("task-b", n))
+        lines_a, lines_b = stream_a.aiter_lines(), stream_b.aiter_lines()
+        got_a = [await next_event(lines_a) for _ in range(3)]
+        got_b = [await next_event(lines_b) for _ in range(3)]
     assert got_a == [received("task-a", n) for n in range(3)]
     assert got_b == [received("task-b", n) for n in range(3)]
 
@@ -411,7 +433,9 @@ async def test_backend_errors_map_to_status(
 ) -> None:
     bridge.backend.fail_with = exc
     request = msgspec.json.encode(b.FetchRequest(ref=b.SliceRef()))
-    await assert_refused(await bridge.client.post("/resources/fetch", content=request), status, error)
+    await assert_refused(
+        await bridge.client.post("/resources/fetch", content=request), status, error
+    )
     await assert_healthy(bridge)
 
 

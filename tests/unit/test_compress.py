@@ -170,7 +170,7 @@ def test_plain_safetensors_without_metadata_decode_as_fp32():
     assert decoded["w"].dtype == torch.float32
 
 
-def test_file_round_trip_is_atomic_and_leaves_no_temp(tmp_path: Path):
+def test_file_round_trip_is_atomic_and_leaves_no_temp(tmp_path: Path) -> None:
     path = tmp_path / "update.safetensors"
     size = save_tensors_file(path, _sample(), "fp16", {"round": "1"})
     assert size == path.stat().st_size
@@ -181,7 +181,7 @@ def test_file_round_trip_is_atomic_and_leaves_no_temp(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
-def test_failed_save_keeps_old_file(tmp_path: Path):
+def test_failed_save_keeps_old_file(tmp_path: Path) -> None:
     path = tmp_path / "weights.safetensors"
     save_tensors_file(path, {"w": torch.ones(2)})
     with pytest.raises(ValueError, match="non-finite"):
@@ -189,5 +189,5 @@ def test_failed_save_keeps_old_file(tmp_path: Path):
     decoded, _ = load_tensors_file(path)
     assert torch.equal(decoded["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
-    with pytest.raises(OSError):
+    with pytest.raises(FileNotFoundError):
         save_tensors_file(tmp_path / "missing" / "x.safetensors", {"w": torch.ones(1)})

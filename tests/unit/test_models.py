@@ -116,11 +116,10 @@ def test_build_model_is_deterministic_per_seed_and_keeps_global_rng():
     b = build_model("gpt", SMALL_GPT, seed=7)
     c = build_model("gpt", SMALL_GPT, seed=8)
     torch.testing.assert_close(torch.rand(3), expected_next)
-    for (name, pa), (_, pb), (_, pc) in zip(
-        a.named_parameters(), b.named_parameters(), c.named_parameters(), strict=True
-    ):
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), name
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    pairs = zip(a.parameters(), c.parameters(), strict=True)
+    assert any(not torch.equal(pa, pc) for pa, pc in pairs)
 
 
 def test_build_model_defaults_match_configs():
@@ -159,7 +158,7 @@ def test_build_model_accepts_int_for_float_option():
 @pytest.mark.skipif(
     importlib.util.find_spec("transformers") is not None, reason="transformers is installed"
 )
-def test_build_hf_model_without_transformers_says_so(tmp_path: Path):
+def test_build_hf_model_without_transformers_says_so(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ValueError, match="transformers"):
         build_hf_model(tmp_path)
@@ -167,7 +166,10 @@ def test_build_hf_model_without_transformers_says_so(tmp_path: Path):
 
 def test_batch_loss_casts_dtypes_and_checks_keys():
     mlp = build_model("mlp", {"input_dim": 4, "num_classes": 2}, seed=0)
-    batch = {"inputs": torch.ones(3, 4, dtype=torch.float64), "labels": torch.tensor([0, 1, 1], dtype=torch.int32)}
+    batch = {
+        "inputs": torch.ones(3, 4, dtype=torch.float64),
+        "labels": torch.tensor([0, 1, 1], dtype=torch.int32),
+    }
     assert batch_loss(mlp, batch).shape == ()
     with pytest.raises(ValueError, match="labels"):
         batch_loss(mlp, {"inputs": torch.ones(3, 4)})

@@ -37,9 +37,7 @@ def test_weighted_mean_three_workers_matches_hand_computation():
 
 def test_weighted_mean_equal_weights_is_plain_mean_and_float32():
     gen = torch.Generator().manual_seed(0)
-    updates = [
-        {k: v.to(torch.float16) for k, v in _random_params(gen).items()} for _ in range(4)
-    ]
+    updates = [{k: v.to(torch.float16) for k, v in _random_params(gen).items()} for _ in range(4)]
     mean = weighted_mean(updates, [5, 5, 5, 5])
     for name in SHAPES:
         assert mean[name].dtype == torch.float32
@@ -110,9 +108,7 @@ def test_nesterov_outer_matches_torch_sgd_over_rounds(lr, momentum):
     # Reference: the locals of each round are offsets from the reference's current global.
     ref_params = {k: torch.nn.Parameter(v.clone()) for k, v in global0.items()}
     # torch refuses nesterov=True without momentum; momentum 0 is plain SGD either way.
-    ref_opt = torch.optim.SGD(
-        ref_params.values(), lr=lr, momentum=momentum, nesterov=momentum > 0
-    )
+    ref_opt = torch.optim.SGD(ref_params.values(), lr=lr, momentum=momentum, nesterov=momentum > 0)
     params = {k: v.clone() for k, v in global0.items()}
     outer = NesterovOuter(lr=lr, momentum=momentum)
     for round_offsets in offsets:

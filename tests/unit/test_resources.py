@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hypha.protocol.messages import ResourceSpec
-from hypha.resources import ResourceWeights, Resources, price_per_unit, weighted_units
+from hypha.resources import Resources, ResourceWeights, price_per_unit, weighted_units
 
 amounts = st.floats(min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False)
 resources = st.builds(Resources, gpu=amounts, cpu=amounts, memory=amounts, storage=amounts)
@@ -18,13 +18,17 @@ resources = st.builds(Resources, gpu=amounts, cpu=amounts, memory=amounts, stora
 def approx_equal(a: Resources, b: Resources, scale: float = 1.0) -> bool:
     """Equal up to float rounding at magnitude ``scale`` (the largest operand involved)."""
     return all(
-        math.isclose(getattr(a, name), getattr(b, name), rel_tol=1e-9, abs_tol=1e-12 * scale)
-        for name in ("gpu", "cpu", "memory", "storage")
+        math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12 * scale)
+        for x, y in zip(parts(a), parts(b), strict=True)
     )
 
 
+def parts(r: Resources) -> tuple[float, float, float, float]:
+    return (r.gpu, r.cpu, r.memory, r.storage)
+
+
 def magnitude(*values: Resources) -> float:
-    return max([1.0] + [getattr(v, n) for v in values for n in ("gpu", "cpu", "memory", "storage")])
+    return max([1.0, *(x for v in values for x in parts(v))])
 
 
 def test_defaults_are_zero() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,19 +29,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-certutil = typer.Typer(help="Development PKI: a CA, node certificates, revocation.", no_args_is_help=True)
+certutil = typer.Typer(
+    help="Development PKI: a CA, node certificates, revocation.", no_args_is_help=True
+)
 app.add_typer(certutil, name="certutil")
 err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
 ValidateOpt = Annotated[
-    bool, typer.Option("--validate", help="Check the config and exit: 0 if valid, 2 with every problem.")
+    bool,
+    typer.Option("--validate", help="Check the config and exit: 0 if valid, 2 with every problem."),
 ]
 ReadyOpt = Annotated[
-    Path | None, typer.Option("--ready-file", help="Write {role, peer_id, listen_addresses} JSON here once up.")
+    Path | None,
+    typer.Option("--ready-file", help="Write {role, peer_id, listen_addresses} JSON here once up."),
 ]
-ListenOpt = Annotated[list[str] | None, typer.Option("--listen", help="Listen multiaddr (repeatable).")]
-GatewayOpt = Annotated[list[str] | None, typer.Option("--gateway", help="Gateway multiaddr (repeatable).")]
+ListenOpt = Annotated[
+    list[str] | None, typer.Option("--listen", help="Listen multiaddr (repeatable).")
+]
+GatewayOpt = Annotated[
+    list[str] | None, typer.Option("--gateway", help="Gateway multiaddr (repeatable).")
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs, libp2p's included.")]
 
 
@@ -52,7 +61,9 @@ def fail(message: str, problems: list[str] | None = None, code: int = 2) -> None
     raise typer.Exit(code)
 
 
-def load_role_config(role: str, path: Path | None, validate: bool, overrides: dict[str, Any]) -> NetworkSection:
+def load_role_config(
+    role: str, path: Path | None, validate: bool, overrides: dict[str, Any]
+) -> NetworkSection:
     """Load (and with ``--validate`` only check) a role's config."""
     try:
         config = load_config(role, path, overrides=overrides)
@@ -81,7 +92,8 @@ def run_until_signal(role: str, main: Callable[[], Awaitable[None]]) -> None:
                         nursery.cancel_scope.cancel()
                         return
 
-            nursery.start_soon(watch_signals)
+            if threading.current_thread() is threading.main_thread():
+                nursery.start_soon(watch_signals)
             await main()
             nursery.cancel_scope.cancel()
 
@@ -134,11 +146,50 @@ def gateway(
     run_until_signal("gateway", lambda: run_gateway(cfg, ready_file=ready_file))
 
 
+def _plain_node(
+    role: str,
+    config: Path | None,
+    validate: bool,
+    ready_file: Path | None,
+    listen: list[str] | None,
+    gateway: list[str] | None,
+    verbose: bool,
+) -> None:
+    from hypha.net.runner import run_node, settings_from_config
+
+    cfg = load_role_config(role, config, validate, net_overrides(listen, gateway))
+    init_logging(role, verbose=verbose)
+
+    async def body(node: Any, nursery: trio.Nursery) -> None:
+        return None
+
+    run_until_signal(
+        role, lambda: run_node(settings_from_config(role, cfg), body, ready_file=ready_file)
+    )
+
+
+@app.command()
+def worker(
+    config: ConfigOpt = None,
+    validate: ValidateOpt = False,
+    ready_file: ReadyOpt = None,
+    listen: ListenOpt = None,
+    gateway: GatewayOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a worker: offer resources, hold leases, run executors."""
+    _plain_node("worker", config, validate, ready_file, listen, gateway, verbose)
+
+
 @app.command()
 def init(
     role: Annotated[str, typer.Argument(help="gateway, scheduler, worker or data")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")] = Path("config.toml"),
-    name: Annotated[str | None, typer.Option("--name", "-n", help="Node name for the cert/key file names.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")] = Path(
+        "config.toml"
+    ),
+    name: Annotated[
+        str | None, typer.Option("--name", "-n", help="Node name for the cert/key file names.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented default config for ROLE."""
@@ -154,15 +205,16 @@ def init(
 
 @app.command()
 def probe(
-    address: Annotated[str, typer.Argument(help="Multiaddr of the node, ending in /p2p/<peer id>.")],
+    address: Annotated[
+        str, typer.Argument(help="Multiaddr of the node, ending in /p2p/<peer id>.")
+    ],
     config: ConfigOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 2.0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Exit 0 if the node at ADDRESS answers healthy within --timeout, 1 otherwise."""
-    from hypha.net.probe import probe_health
-
     from hypha.config.load import load_identity
+    from hypha.net.probe import probe_health
 
     try:
         cfg = load_identity(config)
@@ -187,7 +239,9 @@ def probe(
 @certutil.command("ca")
 def certutil_ca(
     org: Annotated[str, typer.Option("--org", help="Organisation name of the CA.")],
-    out: Annotated[Path, typer.Option("--out", help="Directory for ca-cert.pem, ca-key.pem, crl.pem.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory for ca-cert.pem, ca-key.pem, crl.pem.")
+    ],
     days: Annotated[int, typer.Option(help="Validity in days.")] = 3650,
 ) -> None:
     """Create a development CA."""
@@ -249,13 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) if isinstance(exc.code, int) else 1
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except typer.TyperException as exc:
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err.print(f"error: {exc}", markup=False)
+        return 2
     return 0
 
 

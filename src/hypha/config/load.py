@@ -79,7 +79,9 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str], base: Path | No
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
 
-def _build(cls: type[T], raw: Mapping[str, Any], prefix: str, problems: list[str], base: Path | None) -> T:
+def _build(
+    cls: type[T], raw: Mapping[str, Any], prefix: str, problems: list[str], base: Path | None
+) -> T:
     hints = typing.get_type_hints(cls)
     fields = {_toml_key(f.name): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in raw:
@@ -89,7 +91,9 @@ def _build(cls: type[T], raw: Mapping[str, Any], prefix: str, problems: list[str
     before = len(problems)
     for toml_key, f in fields.items():
         if toml_key in raw:
-            kwargs[f.name] = _convert(raw[toml_key], hints[f.name], prefix + toml_key, problems, base)
+            kwargs[f.name] = _convert(
+                raw[toml_key], hints[f.name], prefix + toml_key, problems, base
+            )
     if len(problems) > before:
         return None  # type: ignore[return-value]
     try:
@@ -223,8 +227,8 @@ def render_default(role: str, name: str | None = None) -> str:
             continue
         if isinstance(value, list) and value == [] and f.name == "executors":
             tables.append(f"\n# {text} Example:")
-            tables.append("# [[executors]]\n# class = \"train\"\n# name = \"diloco\"")
-            tables.append("# runtime = \"process\"\n# cmd = \"python\"")
+            tables.append('# [[executors]]\n# class = "train"\n# name = "diloco"')
+            tables.append('# runtime = "process"\n# cmd = "python"')
             tables.append('# args = ["-m", "hypha.training.trainer"]')
             continue
         lines.append(f"# {text}")
@@ -247,7 +251,15 @@ def load_identity(path: Path | None) -> NetworkSection:
         raise ConfigError(f"{path}: {exc}") from exc
     keys = ("cert_pem", "key_pem", "trust_pem", "crls_pem", "rpc_timeout_seconds")
     problems: list[str] = []
-    config = _build(NetworkSection, {k: v for k, v in raw.items() if k in keys}, "", problems, path.resolve().parent)
+    config = _build(
+        NetworkSection,
+        {k: v for k, v in raw.items() if k in keys},
+        "",
+        problems,
+        path.resolve().parent,
+    )
     if problems:
-        raise ConfigError(f"{len(problems)} problem(s) in {path}", [f"{path}: {p}" for p in problems])
+        raise ConfigError(
+            f"{len(problems)} problem(s) in {path}", [f"{path}: {p}" for p in problems]
+        )
     return config

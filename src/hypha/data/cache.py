@@ -143,7 +143,8 @@ class SliceCache:
     async def get(self, ref: SliceRef) -> Path:
         """Return the path of the verified slice, fetching it first if needed.
 
-        The path stays valid until the slice is evicted; use ``open`` to pin it meanwhile.
+        The path stays valid until the slice is evicted, which happens only after another
+        slice is acquired; use ``open`` to pin it for longer.
 
         Raises:
             TransferError: The fetch failed or its bytes did not match ``ref.sha256``.
@@ -152,7 +153,7 @@ class SliceCache:
         waiting on it start their own.
         """
         entry = await self._acquire_counted(ref)
-        self._release(entry)
+        self._release(entry, keep=True)  # the caller is about to use the file
         return entry.path
 
     @asynccontextmanager
@@ -288,7 +289,8 @@ class SliceCache:
             if _matches(ref, size, digest):
                 return self._insert(ref, path, size), False
             leftover.unlink(missing_ok=True)
-        await trio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
+        # Like unlinking, mkdir is a quick metadata operation and runs inline.
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._num_temporaries += 1
         temporary = path.with_name(f".{path.stem}.{self._num_temporaries}.part")
         self._fetches += 1
@@ -322,16 +324,16 @@ class SliceCache:
         self._entries[_identity(ref)] = entry
         return entry
 
-    def _release(self, entry: _Entry) -> None:
+    def _release(self, entry: _Entry, *, keep: bool = False) -> None:
         entry.num_pins -= 1
-        self._evict()
+        self._evict(keep=entry if keep else None)
 
     # --- disk ---------------------------------------------------------------------------
 
     def _path(self, ref: SliceRef) -> Path:
         return self._root / ref.dataset / f"{ref.index:05d}-{ref.sha256[:8]}.safetensors"
 
-    def _evict(self) -> None:
+    def _evict(self, keep: _Entry | None = None) -> None:
         """Delete files beyond capacity: unverified leftovers first, then LRU unpinned ones."""
         # Unlinking is a quick metadata operation; it runs inline rather than in a thread.
         while len(self._entries) + len(self._unverified) > self._capacity:
@@ -339,9 +341,12 @@ class SliceCache:
                 key = next(iter(self._unverified))
                 self._unverified.pop(key).unlink(missing_ok=True)
             else:
-                victim = next((k for k, e in self._entries.items() if e.num_pins == 0), None)
+                victim = next(
+                    (k for k, e in self._entries.items() if e.num_pins == 0 and e is not keep),
+                    None,
+                )
                 if victim is None:
-                    return  # everything left is pinned
+                    return  # everything left is pinned (or kept)
                 self._entries.pop(victim).path.unlink(missing_ok=True)
             self._evictions += 1
 

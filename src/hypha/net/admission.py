@@ -53,6 +53,8 @@ class AdmissionTransport(TLSTransport):
         self._key_pem = Path(files.key).read_text()
         self._verifier = CertificateVerifier(files.trust, files.crls)
         self._directory = directory
+        self.refusals: dict[str, str] = {}
+        """Why the last outbound handshake to a peer was refused (for the dialer's error)."""
 
     def _extract_public_key_from_cert(self, cert: x509.Certificate) -> Any:
         creds, key_bytes = self._verifier.verify(cert)
@@ -66,7 +68,9 @@ class AdmissionTransport(TLSTransport):
             logger.warning("refused inbound connection from %s: %s", _remote(conn), exc)
             raise
         except Exception as exc:
-            logger.warning("refused inbound connection from %s: TLS handshake failed: %s", _remote(conn), exc)
+            logger.warning(
+                "refused inbound connection from %s: TLS handshake failed: %s", _remote(conn), exc
+            )
             raise AdmissionError(f"TLS handshake failed: {exc}") from exc
 
     async def secure_outbound(self, conn: IRawConnection, peer_id: ID) -> ISecureConn:
@@ -74,9 +78,11 @@ class AdmissionTransport(TLSTransport):
             return await super().secure_outbound(conn, peer_id)
         except AdmissionError as exc:
             logger.warning("refused connection to %s: %s", peer_id, exc)
+            self.refusals[str(peer_id)] = str(exc)
             raise
         except Exception as exc:
             logger.warning("refused connection to %s: TLS handshake failed: %s", peer_id, exc)
+            self.refusals[str(peer_id)] = f"TLS handshake failed: {exc}"
             raise AdmissionError(f"TLS handshake with {peer_id} failed: {exc}") from exc
 
 

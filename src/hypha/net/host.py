@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import multiaddr
 import trio
+from cryptography.hazmat.primitives import serialization
 from libp2p import new_host
 from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519Private
 from libp2p.crypto.keys import KeyPair
@@ -35,9 +36,8 @@ from libp2p.security.tls.transport import PROTOCOL_ID as TLS_PROTOCOL
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
-from cryptography.hazmat.primitives import serialization
 
-from hypha.errors import NetworkError, PeerUnreachableError
+from hypha.errors import HyphaError, NetworkError, PeerUnreachableError
 from hypha.net import pubsub as ps
 from hypha.net.admission import AdmissionTransport, PeerDirectory
 from hypha.net.dht import Dht
@@ -80,8 +80,15 @@ def _key_pair(path: Any) -> KeyPair:
 class Node:
     """A running Hypha network node. Create it with ``open_node``."""
 
-    def __init__(self, settings: NodeSettings, host: Any, directory: PeerDirectory) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        host: Any,
+        directory: PeerDirectory,
+        security: AdmissionTransport,
+    ) -> None:
         self.settings = settings
+        self._security = security
         self.role = settings.role
         self._host = host
         self.directory = directory
@@ -129,8 +136,27 @@ class Node:
         try:
             await self._host.connect(info)
         except Exception as exc:
-            raise PeerUnreachableError(f"cannot connect to {addr}: {_leaf(exc)}") from exc
+            raise PeerUnreachableError(
+                f"cannot connect to {addr}: {self._why(str(info.peer_id), exc)}"
+            ) from exc
         return str(info.peer_id)
+
+    def _why(self, peer_id: str, exc: BaseException) -> str:
+        """A dial failure explained: our refusal of the peer, or the peer's of us."""
+        refusal = self._security.refusals.pop(peer_id, None)
+        if refusal is not None:
+            return f"refused the peer: {refusal}"
+        text = _leaf(exc)
+        if (
+            "Failed to connect after" in text
+            or "upgrade" in text.lower()
+            or "handshake" in text.lower()
+        ):
+            return (
+                f"{text}; the peer closed the connection during the security handshake "
+                "(it may not trust our certificate: another CA, revoked or expired)"
+            )
+        return text
 
     def is_connected(self, peer_id: str) -> bool:
         return bool(self._host.get_network().get_connections(ID.from_base58(peer_id)))
@@ -140,7 +166,11 @@ class Node:
         pid = ID.from_base58(peer_id)
         if self.is_connected(peer_id):
             return
-        addrs = [a for a in self._host.get_peerstore().addrs(pid) if self._allowed(a)] if _known(self._host, pid) else []
+        addrs = (
+            [a for a in self._host.get_peerstore().addrs(pid) if self._allowed(a)]
+            if _known(self._host, pid)
+            else []
+        )
         if addrs:
             try:
                 await self._host.connect(PeerInfo(pid, addrs))
@@ -151,31 +181,41 @@ class Node:
         for gateway in self._gateways:
             if str(gateway.peer_id) == peer_id:
                 continue
-            circuit = multiaddr.Multiaddr(f"{gateway.addrs[0]}/p2p/{gateway.peer_id}/p2p-circuit/p2p/{peer_id}")
+            circuit = multiaddr.Multiaddr(
+                f"{gateway.addrs[0]}/p2p/{gateway.peer_id}/p2p-circuit/p2p/{peer_id}"
+            )
             try:
                 assert self._relay is not None
                 await self._relay.dial(circuit)
                 return
             except Exception as exc:
                 errors.append(f"via {gateway.peer_id}: {_leaf(exc)}")
-        raise PeerUnreachableError(f"cannot reach {peer_id}: " + ("; ".join(errors) or "no known address"))
+        raise PeerUnreachableError(
+            f"cannot reach {peer_id}: " + ("; ".join(errors) or "no known address")
+        )
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         """Open a stream to ``peer_id`` for ``protocol``, connecting first if needed."""
         await self.ensure_connected(peer_id)
         try:
-            stream: Stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+            stream: Stream = await self._host.new_stream(
+                ID.from_base58(peer_id), [TProtocol(protocol)]
+            )
         except Exception as exc:
             raise NetworkError(f"cannot open {protocol} to {peer_id}: {_leaf(exc)}") from exc
         return stream
 
-    async def request(self, peer_id: str, msg: m.Msg, expect: type[M], protocol: str = ids.API_PROTOCOL) -> M:
+    async def request(
+        self, peer_id: str, msg: m.Msg, expect: type[M], protocol: str = ids.API_PROTOCOL
+    ) -> M:
         """Send one request and return the typed response (bounded by ``rpc_timeout_seconds``)."""
         with trio.fail_after(self.settings.rpc_timeout_seconds):
             stream = await self.open_stream(peer_id, protocol)
             return await exchange(stream, msg, expect)
 
-    def set_stream_handler(self, protocol: str, handler: Callable[[Stream, str], Awaitable[None]]) -> None:
+    def set_stream_handler(
+        self, protocol: str, handler: Callable[[Stream, str], Awaitable[None]]
+    ) -> None:
         """Serve raw streams of ``protocol``; ``handler(stream, peer_id)``."""
 
         async def _handler(stream: Any) -> None:
@@ -241,10 +281,39 @@ async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
         key_pair=key_pair,
         sec_opt={TLS_PROTOCOL: security},
         muxer_opt={TProtocol(YAMUX_PROTOCOL): Yamux},
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        # One connection per peer (else every dial waits 250 ms); no background auto-dialing.
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1, min_connections=0, low_watermark=0
+        ),
         listen_addrs=[multiaddr.Multiaddr(a) for a in settings.listen_addresses] or None,
     )
-    node = Node(settings, host, directory)
+    node = Node(settings, host, directory, security)
+    try:
+        async with _serve_node(node, host) as served:
+            yield served
+    except BaseExceptionGroup as group:
+        leaf = hypha_leaf(group)
+        if leaf is None:
+            raise
+        raise leaf from group
+
+
+def hypha_leaf(group: BaseExceptionGroup[Any]) -> BaseException | None:
+    """The single ``HyphaError`` inside nested nursery groups, if that is all there is."""
+    matched, rest = group.split(HyphaError)
+    if rest is not None or matched is None:
+        return None
+    exc: BaseException = matched
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
+@asynccontextmanager
+async def _serve_node(node: Node, host: Any) -> AsyncIterator[Node]:
+    settings = node.settings
     for protocol in (ids.API_PROTOCOL, ids.PROGRESS_PROTOCOL, ids.HEALTH_PROTOCOL):
         node.set_stream_handler(protocol, node.rpc.handle)
     node.rpc.register(m.HealthRequest, node._health)
@@ -252,7 +321,7 @@ async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
         listen = [multiaddr.Multiaddr(a) for a in settings.listen_addresses]
         await stack.enter_async_context(host.run(listen_addrs=listen))
         # Services before any dial: the pubsub handler crashes the run otherwise.
-        node.gossip = await stack.enter_async_context(ps.open_gossip(host, directory))
+        node.gossip = await stack.enter_async_context(ps.open_gossip(host, node.directory))
         dht = KadDHT(host, DHTMode.SERVER)
         node.dht = Dht(dht)
         await stack.enter_async_context(background_trio_service(dht))

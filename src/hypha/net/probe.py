@@ -18,8 +18,13 @@ async def probe_health(config: NetworkSection, address: str) -> m.HealthResponse
         NetworkError: the node could not be reached or refused us.
     """
     settings = dataclasses.replace(
-        settings_from_config("probe", config), listen_addresses=[], gateway_addresses=[], relay_circuit=False
+        settings_from_config("probe", config),
+        listen_addresses=[],
+        gateway_addresses=[],
+        relay_circuit=False,
     )
     async with open_node(settings) as node:
         peer = await node.connect(address)
-        return await node.request(peer, m.HealthRequest(), m.HealthResponse, protocol=ids.HEALTH_PROTOCOL)
+        return await node.request(
+            peer, m.HealthRequest(), m.HealthResponse, protocol=ids.HEALTH_PROTOCOL
+        )

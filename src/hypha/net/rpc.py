@@ -9,6 +9,7 @@ bounds how long it waits for a request; clients wrap calls in ``trio.fail_after`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -81,14 +82,20 @@ class Route:
 class RpcServer:
     """Dispatches framed requests to handlers registered per message type."""
 
-    def __init__(self, role_of: Callable[[str], str | None], request_timeout_seconds: float) -> None:
+    def __init__(
+        self, role_of: Callable[[str], str | None], request_timeout_seconds: float
+    ) -> None:
         self._routes: dict[type[m.Msg], Route] = {}
         self._role_of = role_of
         self._timeout = request_timeout_seconds
         self.num_rejected = 0
 
     def register(
-        self, kind: type[M], handler: Callable[[str, M], Awaitable[m.Msg]], *, roles: set[str] | None = None
+        self,
+        kind: type[M],
+        handler: Callable[[str, M], Awaitable[m.Msg]],
+        *,
+        roles: set[str] | None = None,
     ) -> None:
         """Serve requests of type ``kind``; ``roles`` restricts who may send them."""
         self._routes[kind] = Route(handler, frozenset(roles) if roles is not None else None)
@@ -97,10 +104,8 @@ class RpcServer:
         self.num_rejected += 1
         logger.warning("rejected request from %s: %s: %s", peer, code, detail)
         with trio.move_on_after(self._timeout):
-            try:
+            with contextlib.suppress(HyphaError):
                 await write_frame(stream, m.ErrorResponse(code=code, detail=detail))
-            except HyphaError:
-                pass
 
     async def handle(self, stream: Stream, peer: str) -> None:
         """Serve one stream; the per-connection error boundary of the RPC server."""
@@ -117,10 +122,15 @@ class RpcServer:
             return
         route = self._routes.get(type(request))
         if route is None:
-            await self._reject(stream, peer, "unsupported", f"no handler for {type(request).__name__}")
+            await self._reject(
+                stream, peer, "unsupported", f"no handler for {type(request).__name__}"
+            )
         elif route.roles is not None and self._role_of(peer) not in route.roles:
             await self._reject(
-                stream, peer, "forbidden", f"{type(request).__name__} needs role {sorted(route.roles)}"
+                stream,
+                peer,
+                "forbidden",
+                f"{type(request).__name__} needs role {sorted(route.roles)}",
             )
         else:
             try:

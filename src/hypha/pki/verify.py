@@ -39,7 +39,7 @@ class PeerCredentials:
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """A node's PEM files (the config keys ``cert_pem``, ``key_pem``, ``trust_pem``, ``crls_pem``)."""
+    """A node's PEM files (config keys cert_pem, key_pem, trust_pem, crls_pem)."""
 
     cert: Path
     key: Path
@@ -131,12 +131,18 @@ class CertificateVerifier:
         ca = self._issuer_of(cert)
         now = self._now()
         if now < cert.not_valid_before_utc:
-            raise AdmissionError(f"certificate of {_cn(cert)!r} is not valid before {cert.not_valid_before_utc}")
+            raise AdmissionError(
+                f"certificate of {_cn(cert)!r} is not valid before {cert.not_valid_before_utc}"
+            )
         if now > cert.not_valid_after_utc:
-            raise AdmissionError(f"certificate of {_cn(cert)!r} expired at {cert.not_valid_after_utc}")
+            raise AdmissionError(
+                f"certificate of {_cn(cert)!r} expired at {cert.not_valid_after_utc}"
+            )
         self._load_crls()
         if (ca.subject.public_bytes(), cert.serial_number) in self._revoked:
-            raise AdmissionError(f"certificate of {_cn(cert)!r} (serial {cert.serial_number:x}) is revoked")
+            raise AdmissionError(
+                f"certificate of {_cn(cert)!r} (serial {cert.serial_number:x}) is revoked"
+            )
         key_bytes, peer_id = _libp2p_binding(cert)
         uris = _peer_uris(cert)
         if uris and peer_id not in uris:
@@ -145,7 +151,9 @@ class CertificateVerifier:
         role = str(roles[0].value) if roles else ""
         if role not in ROLES:
             raise AdmissionError(f"certificate of {_cn(cert)!r} names no known role (OU={role!r})")
-        return PeerCredentials(peer_id=peer_id, role=role, name=_cn(cert), serial=cert.serial_number), key_bytes
+        return PeerCredentials(
+            peer_id=peer_id, role=role, name=_cn(cert), serial=cert.serial_number
+        ), key_bytes
 
 
 def _cn(cert: x509.Certificate) -> str:
@@ -174,7 +182,9 @@ def _libp2p_binding(cert: x509.Certificate) -> tuple[bytes, str]:
     try:
         ext = cert.extensions.get_extension_for_oid(LIBP2P_EXTENSION_OID).value
     except x509.ExtensionNotFound as exc:
-        raise AdmissionError(f"certificate of {_cn(cert)!r} lacks the libp2p key extension") from exc
+        raise AdmissionError(
+            f"certificate of {_cn(cert)!r} lacks the libp2p key extension"
+        ) from exc
     if not isinstance(ext, x509.UnrecognizedExtension):
         raise AdmissionError("malformed libp2p key extension")
     try:

@@ -119,16 +119,23 @@ class SyncStatistics:
 class SyncPlanner:
     """Decides per trainer when to sync so that a round's trainers finish together.
 
+    Commits happen one trainer at a time, on that trainer's own report, because the answer
+    travels as the reply to its progress message. Each later plan subtracts the batches
+    already committed, so the trainers that commit last absorb any estimation error.
+
     Trainers without an estimate yet (no report with a positive duration) are left out of
     the simulation, which is the pessimistic choice for the finish time: if the trainers
     with estimates alone finish within the horizon, the real finish is no later, so the
-    reporting trainer may commit; otherwise it continues until the unknown trainers have
-    reported. Estimates survive across rounds; a removed trainer's estimate is dropped.
+    reporting trainer may commit (its count may then be slightly high); otherwise it
+    continues until the unknown trainers have reported. Estimates survive across rounds; a
+    removed trainer's estimate is dropped. A trainer that is the only one without a sync
+    always commits, since no one else is left to cover the rest; and once the budget is
+    met every reporting trainer commits to 0.
 
     Args:
-        horizon_seconds: Commit a trainer once the projected finish is this close. A trainer
-            also commits when the finish comes before its next expected report (the
-            duration of its latest report), since it would otherwise overshoot.
+        horizon_seconds: Commit a trainer once the projected finish is this close. Choose it
+            at least as long as the trainers' report interval: a trainer that reports less
+            often than that may run past the budget before it hears back.
         smoothing: Weight of a new measurement in the seconds-per-batch moving average
             (1.0 keeps only the latest).
     """
@@ -256,9 +263,7 @@ class SyncPlanner:
             if trainer.seconds_per_batch is None:
                 trainer.seconds_per_batch = measured
             else:
-                trainer.seconds_per_batch += self.smoothing * (
-                    measured - trainer.seconds_per_batch
-                )
+                trainer.seconds_per_batch += self.smoothing * (measured - trainer.seconds_per_batch)
         trainer.last_report_at = now
         trainer.samples += samples
         self._samples_done += samples
@@ -266,16 +271,14 @@ class SyncPlanner:
             trainer.outstanding = max(0, trainer.outstanding - batches)
             return None
 
-        count = self._plan_for(worker, trainer, report_seconds=seconds, now=now)
+        count = self._plan_for(worker, trainer, now)
         if count is not None:
             trainer.committed = count
             trainer.outstanding = count
             logger.debug("round %d: trainer %s syncs after %d batches", self._round, worker, count)
         return count
 
-    def _plan_for(
-        self, worker: str, trainer: _Trainer, report_seconds: float, now: float
-    ) -> int | None:
+    def _plan_for(self, worker: str, trainer: _Trainer, now: float) -> int | None:
         remaining = self._remaining_samples()
         if remaining <= 0:
             return 0
@@ -296,7 +299,7 @@ class SyncPlanner:
             if t.seconds_per_batch is not None
         ]
         plan = simulate(paces, remaining)
-        if plan.finish_seconds <= max(self.horizon_seconds, report_seconds):
+        if plan.finish_seconds <= self.horizon_seconds:
             return plan.batches[worker]
         return None
 
@@ -306,9 +309,7 @@ class SyncPlanner:
             round=self._round,
             sample_budget=self._sample_budget,
             samples_done=self._samples_done,
-            samples_outstanding=sum(
-                t.outstanding * t.batch_size for t in self._trainers.values()
-            ),
+            samples_outstanding=sum(t.outstanding * t.batch_size for t in self._trainers.values()),
             num_trainers=len(self._trainers),
             num_committed=sum(1 for t in self._trainers.values() if t.committed is not None),
             seconds_per_batch={

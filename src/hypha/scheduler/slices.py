@@ -1,0 +1,191 @@
+"""Which dataset slice each trainer works on next, epoch by epoch.
+
+A job's dataset is cut into ``num_slices`` slices. Within an epoch each slice moves
+AVAILABLE -> ASSIGNED (handed to one worker) -> USED (the worker reported it done); when
+every slice is USED the next epoch starts with all of them AVAILABLE again. Slices keep an
+owner across epochs so a worker is handed the slices it already has cached; an idle worker
+steals from the owner with the most slices left. A lost worker's in-flight slices return
+to AVAILABLE and it loses ownership, so no slice is skipped.
+
+This module is pure and deterministic; it does not fetch data or know data nodes. The
+scheduler's job loop answers ``NextSliceRequest``/``SliceUsed`` with it and persists it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass
+
+from hypha.errors import DataError, LeaseError
+
+
+class SliceState(enum.Enum):
+    """Where a slice is within the current epoch."""
+
+    AVAILABLE = "available"
+    ASSIGNED = "assigned"
+    USED = "used"
+
+
+@dataclass(frozen=True, slots=True)
+class SliceStatistics:
+    """Snapshot of slice states for telemetry."""
+
+    epoch: int
+    num_slices: int
+    num_available: int
+    num_assigned: int
+    num_used: int
+    num_owners: int
+
+
+class SliceTracker:
+    """Hands out slices so that each is used exactly once per epoch.
+
+    A slice that is ASSIGNED always belongs to the worker it was assigned to (assignment
+    moves ownership), so ``owner(index)`` is also the holder of an assigned slice.
+
+    Args:
+        num_slices: How many slices the dataset has; at least 1.
+    """
+
+    def __init__(self, num_slices: int) -> None:
+        if num_slices < 1:
+            raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+        self._states = [SliceState.AVAILABLE] * num_slices
+        self._owners: list[str | None] = [None] * num_slices
+        self._epoch = 0
+
+    @property
+    def num_slices(self) -> int:
+        """Number of slices in the dataset."""
+        return len(self._states)
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch, starting at 0."""
+        return self._epoch
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self._states):
+            raise DataError(f"slice {index} out of range 0..{len(self._states) - 1}")
+
+    def state(self, index: int) -> SliceState:
+        """Return the state of slice ``index`` in the current epoch.
+
+        Raises:
+            DataError: ``index`` is out of range.
+        """
+        self._check_index(index)
+        return self._states[index]
+
+    def owner(self, index: int) -> str | None:
+        """Return the worker that owns (has cached) slice ``index``, if any.
+
+        Raises:
+            DataError: ``index`` is out of range.
+        """
+        self._check_index(index)
+        return self._owners[index]
+
+    def assigned(self, worker: str) -> list[int]:
+        """Return the slices currently ASSIGNED to ``worker``, lowest index first."""
+        return [
+            index
+            for index, (state, owner) in enumerate(zip(self._states, self._owners, strict=True))
+            if state is SliceState.ASSIGNED and owner == worker
+        ]
+
+    def _pick(self, worker: str) -> int | None:
+        available = [i for i, s in enumerate(self._states) if s is SliceState.AVAILABLE]
+        if not available:
+            return None
+        # Cache affinity first, then a slice nobody has, then steal.
+        for index in available:
+            if self._owners[index] == worker:
+                return index
+        for index in available:
+            if self._owners[index] is None:
+                return index
+        counts = Counter(self._owners[i] for i in available)
+        # Steal from the owner with the most slices left (ties: lowest worker id), so the
+        # load evens out and the victim keeps as much of its cache as possible.
+        victim = min(counts, key=lambda owner: (-counts[owner], owner or ""))
+        return next(i for i in available if self._owners[i] == victim)
+
+    def assign(self, worker: str) -> tuple[int, int] | None:
+        """Hand ``worker`` its next slice and make it the slice's owner.
+
+        Preference: the lowest-index AVAILABLE slice it owns, else the lowest-index
+        AVAILABLE unowned slice, else the lowest-index AVAILABLE slice of the owner with the
+        most AVAILABLE slices (ties by worker id). When every slice is USED a new epoch
+        starts (owners kept) and the choice is made again.
+
+        Args:
+            worker: The requesting worker's id.
+
+        Returns:
+            ``(index, epoch)``, or None when nothing is AVAILABLE but some slices are still
+            ASSIGNED (the epoch ends once they are used or released).
+
+        Raises:
+            ValueError: ``worker`` is empty.
+        """
+        if not worker:
+            raise ValueError("worker must be non-empty")
+        index = self._pick(worker)
+        if index is None:
+            if any(state is SliceState.ASSIGNED for state in self._states):
+                return None
+            self._epoch += 1
+            self._states = [SliceState.AVAILABLE] * len(self._states)
+            index = self._pick(worker)
+            assert index is not None  # every slice was just made AVAILABLE
+        self._states[index] = SliceState.ASSIGNED
+        self._owners[index] = worker
+        return index, self._epoch
+
+    def mark_used(self, worker: str, index: int) -> None:
+        """Record that ``worker`` finished slice ``index``.
+
+        Raises:
+            DataError: ``index`` is out of range.
+            LeaseError: The slice is not ASSIGNED to ``worker`` (never assigned, already
+                used, or taken back when the worker was released).
+        """
+        self._check_index(index)
+        if self._states[index] is not SliceState.ASSIGNED or self._owners[index] != worker:
+            raise LeaseError(f"slice {index} is not assigned to {worker}")
+        self._states[index] = SliceState.USED
+
+    def release_worker(self, worker: str) -> list[int]:
+        """Take back a lost worker's slices: ASSIGNED ones become AVAILABLE again.
+
+        The worker also loses ownership of every slice, so others pick them up without
+        stealing.
+
+        Returns:
+            The indices that went from ASSIGNED back to AVAILABLE.
+        """
+        returned: list[int] = []
+        for index, owner in enumerate(self._owners):
+            if owner != worker:
+                continue
+            if self._states[index] is SliceState.ASSIGNED:
+                self._states[index] = SliceState.AVAILABLE
+                returned.append(index)
+            self._owners[index] = None
+        return returned
+
+    def statistics(self) -> SliceStatistics:
+        """Return counts of slices per state and the number of distinct owners."""
+        counts = Counter(self._states)
+        return SliceStatistics(
+            epoch=self._epoch,
+            num_slices=len(self._states),
+            num_available=counts[SliceState.AVAILABLE],
+            num_assigned=counts[SliceState.ASSIGNED],
+            num_used=counts[SliceState.USED],
+            num_owners=len({owner for owner in self._owners if owner is not None}),
+        )

@@ -1,0 +1,245 @@
+"""Slice tracker: affinity, stealing, epochs and lost workers."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from hypha.errors import DataError, LeaseError
+from hypha.scheduler.slices import SliceState, SliceTracker
+
+
+def test_assigns_lowest_unowned_first() -> None:
+    tracker = SliceTracker(3)
+    assert tracker.assign("a") == (0, 0)
+    assert tracker.assign("b") == (1, 0)
+    assert tracker.assign("a") == (2, 0)
+    assert tracker.assign("c") is None
+    assert tracker.state(0) is SliceState.ASSIGNED
+    assert tracker.owner(1) == "b"
+    assert tracker.assigned("a") == [0, 2]
+
+
+def test_new_epoch_keeps_owners_for_cache_affinity() -> None:
+    tracker = SliceTracker(4)
+    for worker in ("a", "b", "a", "b"):
+        got = tracker.assign(worker)
+        assert got is not None
+        tracker.mark_used(worker, got[0])
+    assert [tracker.owner(i) for i in range(4)] == ["a", "b", "a", "b"]
+    # All used: the next request starts epoch 1, and b gets its own slice back.
+    assert tracker.assign("b") == (1, 1)
+    assert tracker.assign("b") == (3, 1)
+    assert tracker.assign("a") == (0, 1)
+    assert tracker.epoch == 1
+
+
+def test_epoch_waits_for_assigned_slices() -> None:
+    tracker = SliceTracker(2)
+    tracker.assign("a")
+    got = tracker.assign("b")
+    assert got == (1, 0)
+    tracker.mark_used("b", 1)
+    assert tracker.assign("b") is None
+    tracker.mark_used("a", 0)
+    assert tracker.assign("b") == (1, 1)
+
+
+def test_steals_from_owner_with_most_available() -> None:
+    tracker = SliceTracker(6)
+    # Epoch 0: a owns 0,1,2; b owns 3,4; c owns 5.
+    for worker in ("a", "a", "a", "b", "b", "c"):
+        got = tracker.assign(worker)
+        assert got is not None
+        tracker.mark_used(worker, got[0])
+    # Epoch 1: d owns nothing and nothing is unowned, so it steals a's lowest slice.
+    assert tracker.assign("d") == (0, 1)
+    assert tracker.owner(0) == "d"
+    # Now a and b each have 2 available: tie broken by worker id -> a again.
+    assert tracker.assign("d") == (1, 1)
+    # b has 2, a has 1: steal from b.
+    assert tracker.assign("e") == (3, 1)
+    assert tracker.owner(3) == "e"
+
+
+def test_owned_before_unowned() -> None:
+    tracker = SliceTracker(3)
+    tracker.assign("a")  # 0
+    tracker.mark_used("a", 0)
+    tracker.assign("b")  # 1
+    tracker.mark_used("b", 1)
+    tracker.assign("a")  # 2
+    tracker.mark_used("a", 2)
+    tracker.release_worker("b")  # slice 1 becomes unowned
+    assert tracker.assign("a") == (0, 1)
+    assert tracker.assign("a") == (2, 1)
+    assert tracker.assign("a") == (1, 1)
+
+
+def test_mark_used_checks_holder() -> None:
+    tracker = SliceTracker(2)
+    tracker.assign("a")
+    with pytest.raises(LeaseError, match="not assigned"):
+        tracker.mark_used("b", 0)
+    with pytest.raises(LeaseError, match="not assigned"):
+        tracker.mark_used("a", 1)
+    tracker.mark_used("a", 0)
+    with pytest.raises(LeaseError, match="not assigned"):
+        tracker.mark_used("a", 0)
+    with pytest.raises(DataError, match="out of range"):
+        tracker.mark_used("a", 2)
+    with pytest.raises(DataError, match="out of range"):
+        tracker.state(-1)
+
+
+def test_release_worker_returns_in_flight_slices() -> None:
+    tracker = SliceTracker(4)
+    tracker.assign("a")  # 0
+    tracker.assign("a")  # 1
+    tracker.mark_used("a", 0)
+    tracker.assign("b")  # 2
+    assert tracker.release_worker("a") == [1]
+    assert tracker.state(0) is SliceState.USED
+    assert tracker.state(1) is SliceState.AVAILABLE
+    assert tracker.owner(0) is None
+    assert tracker.owner(1) is None
+    with pytest.raises(LeaseError):
+        tracker.mark_used("a", 1)
+    assert tracker.assign("b") == (1, 0)
+    assert tracker.release_worker("nobody") == []
+
+
+def test_statistics() -> None:
+    tracker = SliceTracker(3)
+    tracker.assign("a")
+    tracker.assign("b")
+    tracker.mark_used("a", 0)
+    stats = tracker.statistics()
+    assert (stats.num_available, stats.num_assigned, stats.num_used) == (1, 1, 1)
+    assert stats.num_owners == 2
+    assert stats.epoch == 0
+    assert stats.num_slices == 3
+
+
+def test_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="num_slices"):
+        SliceTracker(0)
+    with pytest.raises(ValueError, match="worker"):
+        SliceTracker(1).assign("")
+
+
+def test_single_worker_runs_epochs() -> None:
+    tracker = SliceTracker(3)
+    handed = []
+    for _ in range(7):
+        got = tracker.assign("a")
+        assert got is not None
+        handed.append(got)
+        tracker.mark_used("a", got[0])
+    assert handed == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (0, 2)]
+
+
+# --- state machine --------------------------------------------------------------------
+
+WORKERS = ("w1", "w2", "w3", "w4")
+
+
+class SliceMachine(RuleBasedStateMachine):
+    """Random assign/use/release sequences against a model of who holds what."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_slices = 7
+        self.tracker = SliceTracker(self.num_slices)
+        self.epoch = 0
+        self.held: dict[int, str] = {}  # slice -> worker, for ASSIGNED slices
+        self.used: set[int] = set()  # used in the current epoch
+
+    def _new_epoch_if_needed(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            assert epoch == self.epoch + 1
+            # Every slice got USED exactly once in the epoch that just ended.
+            assert self.used == set(range(self.num_slices))
+            assert not self.held
+            self.epoch = epoch
+            self.used = set()
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def assign(self, worker: str) -> None:
+        got = self.tracker.assign(worker)
+        if got is None:
+            # Only when nothing is available and something is still in flight.
+            assert self.held
+            assert len(self.held) + len(self.used) == self.num_slices
+            return
+        index, epoch = got
+        self._new_epoch_if_needed(epoch)
+        assert index not in self.held
+        assert index not in self.used
+        self.held[index] = worker
+
+    @precondition(lambda self: bool(self.held))
+    @rule(data=st.data())
+    def mark_used(self, data: st.DataObject) -> None:
+        index = data.draw(st.sampled_from(sorted(self.held)))
+        worker = self.held[index]
+        wrong = data.draw(st.sampled_from([w for w in WORKERS if w != worker]))
+        with pytest.raises(LeaseError):
+            self.tracker.mark_used(wrong, index)
+        self.tracker.mark_used(worker, index)
+        assert index not in self.used
+        del self.held[index]
+        self.used.add(index)
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def release(self, worker: str) -> None:
+        returned = self.tracker.release_worker(worker)
+        expected = sorted(i for i, w in self.held.items() if w == worker)
+        assert returned == expected
+        for index in returned:
+            del self.held[index]
+        assert all(self.tracker.owner(i) != worker for i in range(self.num_slices))
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def drain(self, worker: str) -> None:
+        """Everyone finishes what they hold, then one worker works to the epoch's end."""
+        for index, holder in sorted(self.held.items()):
+            self.tracker.mark_used(holder, index)
+            self.used.add(index)
+        self.held.clear()
+        start = self.epoch
+        for _ in range(self.num_slices + 1):
+            got = self.tracker.assign(worker)
+            assert got is not None
+            index, epoch = got
+            self._new_epoch_if_needed(epoch)
+            assert index not in self.used
+            self.tracker.mark_used(worker, index)
+            self.used.add(index)
+            if self.epoch != start:
+                return
+        raise AssertionError("epoch did not end although every slice was handed out")
+
+    @invariant()
+    def states_match_model(self) -> None:
+        assert self.tracker.epoch == self.epoch
+        for index in range(self.num_slices):
+            state = self.tracker.state(index)
+            if index in self.held:
+                # ASSIGNED to exactly one worker: the one in the model.
+                assert state is SliceState.ASSIGNED
+                assert self.tracker.owner(index) == self.held[index]
+            elif index in self.used:
+                assert state is SliceState.USED
+            else:
+                # Released or never handed out: available, never lost.
+                assert state is SliceState.AVAILABLE
+        stats = self.tracker.statistics()
+        assert stats.num_assigned == len(self.held)
+        assert stats.num_used == len(self.used)
+
+
+TestSliceMachine = SliceMachine.TestCase
+TestSliceMachine.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
