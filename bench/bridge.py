@@ -191,6 +191,7 @@ def summarize(args: argparse.Namespace, raw: ClientResult) -> dict[str, Any]:
             "statistic": "median",
             "transport": "HTTP/1.1 over a Unix socket (hypercorn, httpx)",
             "fetch_path": "hard link from cache (copy if cross-device), then read",
+            "load_average_1min": round(os.getloadavg()[0], 2),
         },
         "results": results,
         "headline": {

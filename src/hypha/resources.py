@@ -67,9 +67,7 @@ class Resources:
         if not isinstance(other, Resources):
             return NotImplemented
         result: list[float] = []
-        for field, mine, theirs in zip(
-            fields(self), self._components(), other._components(), strict=True
-        ):
+        for field, mine, theirs in zip(fields(self), self._components(), other._components(), strict=True):
             diff = mine - theirs
             if diff < 0:
                 if -diff > _tolerance(mine, theirs):

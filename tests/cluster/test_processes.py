@@ -68,9 +68,7 @@ async def test_gateway_and_two_processes_dht_gossip_rpc(pki: Pki, tmp_path: Path
             with trio.fail_after(60):
                 await pa.call(op="put", key="/hypha/dataset/books", value="books")
                 assert await pb.call(op="get", key="/hypha/dataset/books") == "books"
-                assert (
-                    await pb.call(op="echo", peer=a.peer_id, payload="ping")
-                ) == f"ping from {a.peer_id}"
+                assert (await pb.call(op="echo", peer=a.peer_id, payload="ping")) == f"ping from {a.peer_id}"
                 await pa.call(op="subscribe")
                 seen = None
                 for attempt in range(40):  # bounded re-advertising while the mesh forms
@@ -81,10 +79,7 @@ async def test_gateway_and_two_processes_dht_gossip_rpc(pki: Pki, tmp_path: Path
                         break
                 assert seen is not None
                 assert seen["origin"] == b.peer_id
-            assert (
-                await trio.to_thread.run_sync(main, ["probe", gw.address, "--config", str(a_cfg)])
-                == 0
-            )
+            assert await trio.to_thread.run_sync(main, ["probe", gw.address, "--config", str(a_cfg)]) == 0
 
 
 async def test_validate_reports_every_problem(tmp_path: Path, capsys) -> None:

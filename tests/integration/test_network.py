@@ -43,9 +43,7 @@ async def test_dht_gossip_rpc_between_nodes(pki: Pki) -> None:
                 return m.EchoResponse(payload=req.payload.upper())
 
             a.rpc.register(m.EchoRequest, echo)
-            assert (
-                await b.request(a.peer_id, m.EchoRequest(payload="hi"), m.EchoResponse)
-            ).payload == "HI"
+            assert (await b.request(a.peer_id, m.EchoRequest(payload="hi"), m.EchoResponse)).payload == "HI"
 
             async with a.gossip.subscribe(ids.WORKER_TOPIC, m.WorkerRequest) as sub:
                 with trio.fail_after(15):
@@ -93,15 +91,11 @@ async def test_untrusted_peers_are_refused_both_ways(pki: Pki, tmp_path, caplog,
         revoke(pki.root, intruder_tls.cert)
     else:
         past = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
-        intruder_tls = pki.node(
-            "intruder", "worker", not_before=past - dt.timedelta(days=1), not_after=past
-        )
+        intruder_tls = pki.node("intruder", "worker", not_before=past - dt.timedelta(days=1), not_after=past)
     from hypha.net.host import NodeSettings, open_node
 
     async with open_test_node(pki, "gw", "gateway", relay_hop=True) as gw:
-        settings = NodeSettings(
-            role="worker", tls=intruder_tls, listen_addresses=["/ip4/127.0.0.1/tcp/0"]
-        )
+        settings = NodeSettings(role="worker", tls=intruder_tls, listen_addresses=["/ip4/127.0.0.1/tcp/0"])
         async with open_node(settings) as intruder:
             with pytest.raises(NetworkError):
                 await intruder.connect(gw.listen_addrs()[0])
@@ -110,9 +104,7 @@ async def test_untrusted_peers_are_refused_both_ways(pki: Pki, tmp_path, caplog,
                 "revoked": "is revoked",
                 "expired": "expired",
             }[case]
-            refusals = [
-                r.getMessage() for r in caplog.records if "refused inbound" in r.getMessage()
-            ]
+            refusals = [r.getMessage() for r in caplog.records if "refused inbound" in r.getMessage()]
             assert any(reason in line for line in refusals), refusals
             # The other direction: the gateway refuses to complete a dial to the intruder.
             with pytest.raises(
@@ -174,9 +166,7 @@ async def test_node_without_reachable_gateway_fails_clearly(pki: Pki) -> None:
             pki,
             "lonely",
             "worker",
-            gateways=[
-                "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWFyCo6ssNX9k6b62LKZ7W2pD7gf3chgVMgaVoWMuCeFTu"
-            ],
+            gateways=["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWFyCo6ssNX9k6b62LKZ7W2pD7gf3chgVMgaVoWMuCeFTu"],
             rpc_timeout_seconds=3,
         ):
             pass

@@ -39,6 +39,9 @@ class FakeBackend:
         self.task_id = task_id
         self.fail_with: BaseException | None = None
         self.bad_path = False
+        self.hold = False
+        self.fetch_started = trio.Event()
+        self.fetch_cancelled = trio.Event()
         self.sent: list[tuple[b.SendRequest, Path]] = []
         self.reports: list[b.ProgressBody] = []
         self.metric_reports: list[b.MetricsBody] = []
@@ -54,6 +57,12 @@ class FakeBackend:
             raise self.fail_with
         if self.bad_path:
             return [b.FetchedFile(path="../outside", size=0, sha256="")]
+        if self.hold:
+            self.fetch_started.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.fetch_cancelled.set()
         if isinstance(ref, b.SliceRef):
             name = "slices/3.safetensors"
         elif isinstance(ref, b.WeightsRef):
@@ -199,9 +208,7 @@ async def assert_healthy(bridge: Bridge) -> None:
 
 async def test_health_and_job(bridge: Bridge) -> None:
     health = await bridge.client.get("/health")
-    assert msgspec.json.decode(health.content, type=b.HealthBody) == b.HealthBody(
-        ok=True, task_id="task-1"
-    )
+    assert msgspec.json.decode(health.content, type=b.HealthBody) == b.HealthBody(ok=True, task_id="task-1")
     job = await bridge.client.get("/job")
     assert job.status_code == 200
     assert job.content == JOB
@@ -428,14 +435,10 @@ async def test_unknown_route_and_wrong_method(bridge: Bridge) -> None:
         (RuntimeError("bug"), 500, "internal_error"),
     ],
 )
-async def test_backend_errors_map_to_status(
-    bridge: Bridge, exc: Exception, status: int, error: str
-) -> None:
+async def test_backend_errors_map_to_status(bridge: Bridge, exc: Exception, status: int, error: str) -> None:
     bridge.backend.fail_with = exc
     request = msgspec.json.encode(b.FetchRequest(ref=b.SliceRef()))
-    await assert_refused(
-        await bridge.client.post("/resources/fetch", content=request), status, error
-    )
+    await assert_refused(await bridge.client.post("/resources/fetch", content=request), status, error)
     await assert_healthy(bridge)
 
 
@@ -444,6 +447,19 @@ async def test_backend_path_outside_work_dir_is_500(bridge: Bridge) -> None:
     request = msgspec.json.encode(b.FetchRequest(ref=b.SliceRef()))
     response = await bridge.client.post("/resources/fetch", content=request)
     await assert_refused(response, 500, "internal_error")
+
+
+async def test_hanging_up_cancels_the_backend_call(bridge: Bridge) -> None:
+    bridge.backend.hold = True
+    request = msgspec.json.encode(b.FetchRequest(ref=b.SliceRef()))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(bridge.client.post, "/resources/fetch", content=request))
+            await bridge.backend.fetch_started.wait()
+            nursery.cancel_scope.cancel()  # the executor gives up: its connection closes
+        await bridge.backend.fetch_cancelled.wait()
+    bridge.backend.hold = False
+    await assert_healthy(bridge)
 
 
 # --- resolve_in -----------------------------------------------------------------------------

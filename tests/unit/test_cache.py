@@ -36,9 +36,7 @@ class CopyFetcher:
             self.num_failures -= 1
             destination.write_bytes(b"partial")
             raise OSError("connection reset")
-        await trio.to_thread.run_sync(
-            shutil.copyfile, self.source / f"{ref.index}.bin", destination
-        )
+        await trio.to_thread.run_sync(shutil.copyfile, self.source / f"{ref.index}.bin", destination)
         if self.num_corrupt > 0:
             self.num_corrupt -= 1
             data = bytearray(destination.read_bytes())
@@ -116,9 +114,7 @@ async def test_concurrent_gets_share_one_fetch(
     assert (stats.fetches, stats.misses, stats.hits) == (1, 5, 0)
 
 
-async def test_lru_eviction_order(
-    tmp_path: Path, refs: list[SliceRef], fetcher: CopyFetcher
-) -> None:
+async def test_lru_eviction_order(tmp_path: Path, refs: list[SliceRef], fetcher: CopyFetcher) -> None:
     root = tmp_path / "cache"
     cache = SliceCache(root, capacity=2, fetch=fetcher)
     a, b, c = refs[:3]
@@ -164,9 +160,7 @@ async def test_corrupted_fetch_is_rejected(
     assert cache.statistics().fetches == 2
 
 
-async def test_wrong_size_is_rejected(
-    tmp_path: Path, refs: list[SliceRef], fetcher: CopyFetcher
-) -> None:
+async def test_wrong_size_is_rejected(tmp_path: Path, refs: list[SliceRef], fetcher: CopyFetcher) -> None:
     cache = SliceCache(tmp_path / "cache", capacity=4, fetch=fetcher)
     wrong = dataclasses.replace(refs[0], size=refs[0].size + 1)  # type: ignore[operator]
     with pytest.raises(TransferError):
@@ -240,9 +234,7 @@ async def test_cancelled_fetcher_hands_over_to_waiter(
     assert [p.name for p in (root / "toy").iterdir()] == [results[0].name]
 
 
-async def test_prefetch_fills_the_cache(
-    tmp_path: Path, refs: list[SliceRef], fetcher: CopyFetcher
-) -> None:
+async def test_prefetch_fills_the_cache(tmp_path: Path, refs: list[SliceRef], fetcher: CopyFetcher) -> None:
     cache = SliceCache(tmp_path / "cache", capacity=4, fetch=fetcher, prefetch_depth=2)
     async with trio.open_nursery() as nursery:
         await nursery.start(cache.run)

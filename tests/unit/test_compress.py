@@ -62,9 +62,7 @@ def test_int8_round_trip_error_within_half_a_step():
         assert bool((err <= scale / 2 + 1e-7).all()), name
     # The largest magnitude is represented exactly as +-127 * scale.
     i = tensors["layer.weight"].abs().argmax()
-    torch.testing.assert_close(
-        decoded["layer.weight"].flatten()[i], tensors["layer.weight"].flatten()[i]
-    )
+    torch.testing.assert_close(decoded["layer.weight"].flatten()[i], tensors["layer.weight"].flatten()[i])
     assert torch.equal(decoded["steps"], tensors["steps"])
 
 

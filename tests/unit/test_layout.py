@@ -26,11 +26,7 @@ def _modules(package: str) -> list[Path]:
 
 def test_protocol_imports_nothing_from_hypha() -> None:
     for path in _modules("protocol"):
-        bad = {
-            n
-            for n in _imports(path)
-            if n.startswith("hypha") and not n.startswith("hypha.protocol")
-        }
+        bad = {n for n in _imports(path) if n.startswith("hypha") and not n.startswith("hypha.protocol")}
         assert not bad, f"{path}: {bad}"
 
 
@@ -39,9 +35,7 @@ def test_training_never_imports_trio_net_or_roles() -> None:
         for name in _imports(path):
             top = name.split(".")
             assert top[0] != "trio", f"{path} imports trio"
-            assert not (
-                top[0] == "hypha" and len(top) > 1 and (top[1] == "net" or top[1] in ROLES)
-            ), path
+            assert not (top[0] == "hypha" and len(top) > 1 and (top[1] == "net" or top[1] in ROLES)), path
 
 
 def test_roles_never_import_each_other() -> None:

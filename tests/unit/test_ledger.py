@@ -182,9 +182,7 @@ def test_resource_ledger_insert_is_checked(clock: FakeClock) -> None:
 HOLDERS = ("alice", "bob", "carol")
 CAPACITY = Resources(gpu=4, cpu=16, memory=64)
 units = st.integers(min_value=0, max_value=8)
-amounts = st.builds(
-    lambda g, c, m: Resources(gpu=g / 2, cpu=c * 2, memory=m * 8), units, units, units
-)
+amounts = st.builds(lambda g, c, m: Resources(gpu=g / 2, cpu=c * 2, memory=m * 8), units, units, units)
 durations = st.integers(min_value=1, max_value=30).map(float)
 
 
@@ -227,9 +225,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if fits:
             lease = self.ledger.reserve(lease_id, holder, amount, duration)
             assert lease.expires_at == self.clock.now + duration
-            self.model[lease_id] = ModelLease(
-                holder, amount, LeaseKind.TEMPORARY, self.clock.now + duration
-            )
+            self.model[lease_id] = ModelLease(holder, amount, LeaseKind.TEMPORARY, self.clock.now + duration)
         else:
             with pytest.raises(LeaseError):
                 self.ledger.reserve(lease_id, holder, amount, duration)
@@ -248,9 +244,7 @@ class LedgerMachine(RuleBasedStateMachine):
         other=st.sampled_from(HOLDERS),
         duration=durations,
     )
-    def accept(
-        self, lease_id: str, as_holder: bool, other: str, duration: float
-    ) -> MultipleResults[str]:
+    def accept(self, lease_id: str, as_holder: bool, other: str, duration: float) -> MultipleResults[str]:
         holder = self._pick_holder(lease_id, as_holder, other)
         lease = self._live().get(lease_id)
         if lease is None or lease.holder != holder or lease.kind is not LeaseKind.TEMPORARY:

@@ -49,9 +49,7 @@ def test_gpt_loss_is_next_token_over_t_minus_1_positions():
     model = build_model("gpt", SMALL_GPT, seed=0)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
     logits, loss = model(ids, ids)
-    expected = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1)
-    )
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(loss, expected)
 
 
@@ -155,9 +153,7 @@ def test_build_model_accepts_int_for_float_option():
     assert model.config.dropout == 0.0
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("transformers") is not None, reason="transformers is installed"
-)
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed")
 def test_build_hf_model_without_transformers_says_so(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ValueError, match="transformers"):

@@ -56,9 +56,7 @@ def test_text_manifest_and_slices(tmp_path: Path) -> None:
     assert manifest.num_slices == -(-num_samples // 4)
     assert manifest.samples_per_slice == 4
     assert manifest.vocab_size == 256
-    assert [(t.name, t.dtype, t.shape) for t in manifest.tensors] == [
-        ("input_ids", "int64", [4, 16])
-    ]
+    assert [(t.name, t.dtype, t.shape) for t in manifest.tensors] == [("input_ids", "int64", [4, 16])]
     assert "4 files" in manifest.source
     assert load_manifest(out) == manifest
     tokens = []
@@ -130,9 +128,7 @@ def test_foreign_output_dir_refused(tmp_path: Path) -> None:
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_binary_files_skipped_with_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_binary_files_skipped_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     source = tmp_path / "src"
     source.mkdir()
     (source / "a.bin").write_bytes(b"\x00\x01\x02" * 50)
@@ -169,9 +165,7 @@ def test_npy_source(tmp_path: Path) -> None:
     manifest = prepare_dataset(tmp_path / "x.npy", "arr", tmp_path / "out", slice_samples=8)
     assert manifest.num_samples == 30
     assert manifest.vocab_size is None
-    assert [(t.name, t.dtype, t.shape) for t in manifest.tensors] == [
-        ("inputs", "float32", [8, 3, 2])
-    ]
+    assert [(t.name, t.dtype, t.shape) for t in manifest.tensors] == [("inputs", "float32", [8, 3, 2])]
     loaded = [load_file(slice_path(tmp_path / "out", i))["inputs"] for i in range(4)]
     assert np.array_equal(torch.cat(loaded).numpy(), array)
 

@@ -88,9 +88,7 @@ async def harness(nursery: trio.Nursery, short_dir: Path) -> AsyncIterator[Harne
     work_dir = short_dir / "work"
     work_dir.mkdir(mode=0o700)
     socket_path = short_dir / "bridge.sock"
-    await nursery.start(
-        partial(serve_bridge, backend, socket_path, work_dir, keepalive_seconds=0.05)
-    )
+    await nursery.start(partial(serve_bridge, backend, socket_path, work_dir, keepalive_seconds=0.05))
     env = {"HYPHA_SOCKET": str(socket_path), "HYPHA_WORK_DIR": str(work_dir)}
     with Session.from_env(env) as session:
         yield Harness(backend, session)

@@ -76,12 +76,8 @@ def test_simulate_rejects(trainers: list[TrainerPace]) -> None:
     ),
     st.integers(1, 2000),
 )
-def test_simulate_covers_budget_with_one_batch_slack(
-    specs: list[tuple[int, int, int]], samples: int
-) -> None:
-    trainers = [
-        TrainerPace(f"w{i}", spb / 4, bs, next_in / 4) for i, (spb, bs, next_in) in enumerate(specs)
-    ]
+def test_simulate_covers_budget_with_one_batch_slack(specs: list[tuple[int, int, int]], samples: int) -> None:
+    trainers = [TrainerPace(f"w{i}", spb / 4, bs, next_in / 4) for i, (spb, bs, next_in) in enumerate(specs)]
     plan = simulate(trainers, samples)
     total = sum(plan.batches[t.worker] * t.batch_size for t in trainers)
     assert total >= samples
@@ -146,9 +142,7 @@ def run_round(
         if t.unreported >= t.report_every or t.sync_after == 0:
             n = t.unreported
             t.unreported = 0
-            answer = planner.on_batches(
-                worker, n, n * t.batch_size, n * t.seconds_per_batch, now=now
-            )
+            answer = planner.on_batches(worker, n, n * t.batch_size, n * t.seconds_per_batch, now=now)
             if answer is not None:
                 assert t.sync_after is None
                 t.history.append(answer)
@@ -322,8 +316,7 @@ def test_planner_constant_speeds_cover_budget_and_finish_together(
     specs: list[tuple[int, int, int]], budget: int, horizon: float
 ) -> None:
     trainers = [
-        FakeTrainer(f"w{i}", spb / 2, bs, report_every=every)
-        for i, (spb, bs, every) in enumerate(specs)
+        FakeTrainer(f"w{i}", spb / 2, bs, report_every=every) for i, (spb, bs, every) in enumerate(specs)
     ]
     planner = SyncPlanner(horizon_seconds=horizon)
     result = run_round(planner, trainers, budget)

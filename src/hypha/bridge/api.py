@@ -112,9 +112,7 @@ def _errors(*codes: int) -> dict[str, object]:
 
 def openapi_document() -> dict[str, object]:
     """Return the OpenAPI 3.1 description of every bridge route."""
-    _, components = msgspec.json.schema_components(
-        b.SCHEMA_TYPES, ref_template="#/components/schemas/{name}"
-    )
+    _, components = msgspec.json.schema_components(b.SCHEMA_TYPES, ref_template="#/components/schemas/{name}")
     progress_ref = {
         "oneOf": [
             {"$ref": "#/components/schemas/ProgressReport"},

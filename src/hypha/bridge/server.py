@@ -57,6 +57,10 @@ class _Reject(Exception):
         self.headers = headers or []
 
 
+class _HungUp(Exception):
+    """The client disconnected before the answer was ready: there is nobody to answer."""
+
+
 class _Exchange:
     """One request: its scope, the ASGI callables and whether the response has started."""
 
@@ -141,9 +145,7 @@ class BridgeApp:
             "/openapi.json": {"GET": self._openapi_json},
         }
 
-    async def __call__(
-        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
         elif scope["type"] == "http":
@@ -160,6 +162,8 @@ class BridgeApp:
                 allow = [(b"allow", ", ".join(methods).encode())]
                 raise _Reject(405, "method_not_allowed", f"{ex.method} {ex.path}", allow)
             await handler(ex)
+        except _HungUp:
+            logger.warning("bridge %s %s: the executor hung up before the answer", ex.method, ex.path)
         except _Reject as exc:
             await self._refuse(ex, exc.status, exc.error, exc.detail, exc.headers)
         except Exception as exc:
@@ -168,14 +172,15 @@ class BridgeApp:
                 logger.error("bridge %s %s failed", ex.method, ex.path, exc_info=exc)
             await self._refuse(ex, status, code, str(exc) or type(exc).__name__, [])
 
-    async def _refuse(
-        self, ex: _Exchange, status: int, error: str, detail: str, headers: Headers
-    ) -> None:
+    async def _refuse(self, ex: _Exchange, status: int, error: str, detail: str, headers: Headers) -> None:
         logger.warning("bridge refused %s %s: %d %s: %s", ex.method, ex.path, status, error, detail)
         if ex.started:
             return  # mid-stream (SSE): nothing more can be said; the stream just ends
         body = encode_json(b.ErrorBody(error=error, detail=detail))
-        await ex.reply(status, body, extra=headers)
+        try:
+            await ex.reply(status, body, extra=headers)
+        except Exception as exc:  # the client is gone; the refusal is already logged
+            logger.debug("bridge could not answer %s %s: %r", ex.method, ex.path, exc)
 
     async def _read_body(self, ex: _Exchange) -> bytes:
         """Read the request body, refusing (413) past ``max_body_bytes`` without keeping it."""
@@ -188,7 +193,7 @@ class BridgeApp:
         while True:
             message = await ex.receive()
             if message["type"] != "http.request":
-                raise _Reject(400, "invalid_request", "client went away")
+                raise _HungUp
             num_bytes += len(message["body"])
             if num_bytes <= self._max_body_bytes:
                 chunks.append(message["body"])
@@ -215,7 +220,7 @@ class BridgeApp:
 
     async def _fetch(self, ex: _Exchange) -> None:
         request = await self._decode(ex, b.FetchRequest)
-        files = await self._backend.fetch(request.ref, self._work_dir)
+        files = await _unless_hung_up(ex, partial(self._backend.fetch, request.ref, self._work_dir))
         for fetched in files:
             try:
                 resolve_in(self._work_dir, fetched.path)
@@ -228,7 +233,7 @@ class BridgeApp:
         path = resolve_in(self._work_dir, request.path)
         if not await trio.Path(path).is_file():
             raise _Reject(400, "invalid_request", f"{request.path!r} is not a file")
-        delivered = await self._backend.send(request, path)
+        delivered = await _unless_hung_up(ex, partial(self._backend.send, request, path))
         await ex.reply(200, encode_json(b.SendResponse(delivered=delivered)))
 
     async def _receive(self, ex: _Exchange) -> None:
@@ -240,9 +245,7 @@ class BridgeApp:
                 await self._pump(ex, channel)
                 nursery.cancel_scope.cancel()
 
-    async def _pump(
-        self, ex: _Exchange, channel: trio.MemoryReceiveChannel[b.ReceivedFile]
-    ) -> None:
+    async def _pump(self, ex: _Exchange, channel: trio.MemoryReceiveChannel[b.ReceivedFile]) -> None:
         while True:
             with trio.move_on_after(self._keepalive_seconds) as idle:
                 try:
@@ -261,7 +264,7 @@ class BridgeApp:
             report = b.decode_progress(data)
         except CodecProtocolError as exc:
             raise _Reject(400, "invalid_request", str(exc)) from exc
-        instruction = await self._backend.progress(report)
+        instruction = await _unless_hung_up(ex, partial(self._backend.progress, report))
         await ex.reply(200, encode_json(instruction))
 
     async def _metrics(self, ex: _Exchange) -> None:
@@ -283,6 +286,34 @@ _SSE_HEADERS: Final[Headers] = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
 ]
+
+
+async def _unless_hung_up(ex: _Exchange, call: Callable[[], Awaitable[T]]) -> T:
+    """Await ``call()``, cancelling it if the client disconnects first.
+
+    Raises:
+        _HungUp: the client went away and ``call`` was cancelled.
+        Exception: whatever ``call`` raised, unwrapped.
+    """
+    results: list[T] = []
+    failures: list[Exception] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run_call() -> None:
+            try:
+                results.append(await call())
+            except Exception as exc:  # handed on below, outside the nursery's group
+                failures.append(exc)
+            finally:
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(_cancel_on_disconnect, ex, nursery.cancel_scope)
+        nursery.start_soon(run_call)
+    if failures:
+        raise failures[0]
+    if not results:
+        raise _HungUp
+    return results[0]
 
 
 async def _cancel_on_disconnect(ex: _Exchange, scope: trio.CancelScope) -> None:
@@ -352,9 +383,7 @@ async def serve_bridge(
     Cancellation: open requests and streams are cancelled, then the socket is closed and
     removed. Resource handling: the socket file exists exactly while this runs.
     """
-    app = BridgeApp(
-        backend, work_dir, max_body_bytes=max_body_bytes, keepalive_seconds=keepalive_seconds
-    )
+    app = BridgeApp(backend, work_dir, max_body_bytes=max_body_bytes, keepalive_seconds=keepalive_seconds)
     config = Config()
     config.accesslog = None
     config.errorlog = logging.getLogger(f"{__name__}.hypercorn")

@@ -29,9 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-certutil = typer.Typer(
-    help="Development PKI: a CA, node certificates, revocation.", no_args_is_help=True
-)
+certutil = typer.Typer(help="Development PKI: a CA, node certificates, revocation.", no_args_is_help=True)
 app.add_typer(certutil, name="certutil")
 err = Console(stderr=True, soft_wrap=True)
 
@@ -44,12 +42,8 @@ ReadyOpt = Annotated[
     Path | None,
     typer.Option("--ready-file", help="Write {role, peer_id, listen_addresses} JSON here once up."),
 ]
-ListenOpt = Annotated[
-    list[str] | None, typer.Option("--listen", help="Listen multiaddr (repeatable).")
-]
-GatewayOpt = Annotated[
-    list[str] | None, typer.Option("--gateway", help="Gateway multiaddr (repeatable).")
-]
+ListenOpt = Annotated[list[str] | None, typer.Option("--listen", help="Listen multiaddr (repeatable).")]
+GatewayOpt = Annotated[list[str] | None, typer.Option("--gateway", help="Gateway multiaddr (repeatable).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs, libp2p's included.")]
 
 
@@ -146,28 +140,6 @@ def gateway(
     run_until_signal("gateway", lambda: run_gateway(cfg, ready_file=ready_file))
 
 
-def _plain_node(
-    role: str,
-    config: Path | None,
-    validate: bool,
-    ready_file: Path | None,
-    listen: list[str] | None,
-    gateway: list[str] | None,
-    verbose: bool,
-) -> None:
-    from hypha.net.runner import run_node, settings_from_config
-
-    cfg = load_role_config(role, config, validate, net_overrides(listen, gateway))
-    init_logging(role, verbose=verbose)
-
-    async def body(node: Any, nursery: trio.Nursery) -> None:
-        return None
-
-    run_until_signal(
-        role, lambda: run_node(settings_from_config(role, cfg), body, ready_file=ready_file)
-    )
-
-
 @app.command()
 def worker(
     config: ConfigOpt = None,
@@ -177,16 +149,68 @@ def worker(
     gateway: GatewayOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run a worker: offer resources, hold leases, run executors."""
-    _plain_node("worker", config, validate, ready_file, listen, gateway, verbose)
+    """Run a worker: offer resources at a price, hold leases, run executors."""
+    from hypha.config.schema import WorkerConfig
+    from hypha.worker import run_worker
+
+    cfg = load_role_config("worker", config, validate, net_overrides(listen, gateway))
+    assert isinstance(cfg, WorkerConfig)
+    init_logging("worker", verbose=verbose)
+    run_until_signal("worker", lambda: run_worker(cfg, ready_file=ready_file))
+
+
+def _load_job(path: Path) -> Any:
+    from hypha.config.job import load_job
+
+    try:
+        return load_job(path)
+    except ConfigError as exc:
+        fail(str(exc), exc.problems)
+
+
+@app.command()
+def scheduler(
+    job: Annotated[Path, typer.Option("--job", "-j", help="Job spec (TOML).")],
+    config: ConfigOpt = None,
+    validate: ValidateOpt = False,
+    ready_file: ReadyOpt = None,
+    listen: ListenOpt = None,
+    gateway: GatewayOpt = None,
+    allocate_only: Annotated[
+        bool,
+        typer.Option("--allocate-only", help="Only lease the trainer pool and hold it (smoke test)."),
+    ] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a scheduler for one job: lease workers, dispatch, synchronise."""
+    from hypha.config.schema import SchedulerConfig
+    from hypha.scheduler.node import run_scheduler
+
+    spec = _load_job(job)
+    cfg = load_role_config("scheduler", config, validate, net_overrides(listen, gateway))
+    assert isinstance(cfg, SchedulerConfig)
+    init_logging("scheduler", verbose=verbose)
+    run_until_signal(
+        "scheduler",
+        lambda: run_scheduler(cfg, spec, ready_file=ready_file, allocate_only=allocate_only),
+    )
+
+
+job_app = typer.Typer(help="Job specs.", no_args_is_help=True)
+app.add_typer(job_app, name="job")
+
+
+@job_app.command("validate")
+def job_validate(path: Annotated[Path, typer.Argument(help="Job spec (TOML).")]) -> None:
+    """Check a job spec: exit 0 if valid, 2 with every problem."""
+    spec = _load_job(path)
+    err.print(f"{path}: job {spec.name!r} is valid ({spec.rounds} rounds, {spec.trainers.target} trainers)")
 
 
 @app.command()
 def init(
     role: Annotated[str, typer.Argument(help="gateway, scheduler, worker or data")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")] = Path(
-        "config.toml"
-    ),
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write.")] = Path("config.toml"),
     name: Annotated[
         str | None, typer.Option("--name", "-n", help="Node name for the cert/key file names.")
     ] = None,
@@ -205,9 +229,7 @@ def init(
 
 @app.command()
 def probe(
-    address: Annotated[
-        str, typer.Argument(help="Multiaddr of the node, ending in /p2p/<peer id>.")
-    ],
+    address: Annotated[str, typer.Argument(help="Multiaddr of the node, ending in /p2p/<peer id>.")],
     config: ConfigOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 2.0,
     verbose: VerboseOpt = False,
@@ -239,9 +261,7 @@ def probe(
 @certutil.command("ca")
 def certutil_ca(
     org: Annotated[str, typer.Option("--org", help="Organisation name of the CA.")],
-    out: Annotated[
-        Path, typer.Option("--out", help="Directory for ca-cert.pem, ca-key.pem, crl.pem.")
-    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory for ca-cert.pem, ca-key.pem, crl.pem.")],
     days: Annotated[int, typer.Option(help="Validity in days.")] = 3650,
 ) -> None:
     """Create a development CA."""

@@ -48,6 +48,12 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str], base: Path | No
             problems.append(f"{key}: expected a list, got {type(value).__name__}")
             return None
         return [_convert(v, item_tp, f"{key}[{i}]", problems, base) for i, v in enumerate(value)]
+    if origin is dict:
+        _, value_tp = get_args(tp)
+        if not isinstance(value, Mapping):
+            problems.append(f"{key}: expected a table, got {type(value).__name__}")
+            return None
+        return {str(k): _convert(v, value_tp, f"{key}.{k}", problems, base) for k, v in value.items()}
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, Mapping):
             problems.append(f"{key}: expected a table, got {type(value).__name__}")
@@ -79,9 +85,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str], base: Path | No
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
 
-def _build(
-    cls: type[T], raw: Mapping[str, Any], prefix: str, problems: list[str], base: Path | None
-) -> T:
+def _build(cls: type[T], raw: Mapping[str, Any], prefix: str, problems: list[str], base: Path | None) -> T:
     hints = typing.get_type_hints(cls)
     fields = {_toml_key(f.name): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in raw:
@@ -91,9 +95,7 @@ def _build(
     before = len(problems)
     for toml_key, f in fields.items():
         if toml_key in raw:
-            kwargs[f.name] = _convert(
-                raw[toml_key], hints[f.name], prefix + toml_key, problems, base
-            )
+            kwargs[f.name] = _convert(raw[toml_key], hints[f.name], prefix + toml_key, problems, base)
     if len(problems) > before:
         return None  # type: ignore[return-value]
     try:
@@ -259,7 +261,5 @@ def load_identity(path: Path | None) -> NetworkSection:
         path.resolve().parent,
     )
     if problems:
-        raise ConfigError(
-            f"{len(problems)} problem(s) in {path}", [f"{path}: {p}" for p in problems]
-        )
+        raise ConfigError(f"{len(problems)} problem(s) in {path}", [f"{path}: {p}" for p in problems])
     return config

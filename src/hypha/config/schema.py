@@ -27,16 +27,12 @@ def doc(text: str, default: Any = None, **kwargs: Any) -> Any:
 class NetworkSection:
     """Keys every node has: identity, trust, addresses."""
 
-    cert_pem: Path = doc(
-        "PEM certificate of this node, signed by the network CA.", Path("node-cert.pem")
-    )
+    cert_pem: Path = doc("PEM certificate of this node, signed by the network CA.", Path("node-cert.pem"))
     key_pem: Path = doc(
         "PEM PKCS#8 Ed25519 private key of this node (its libp2p identity).", Path("node-key.pem")
     )
     trust_pem: Path = doc("PEM bundle of CA certificates this node trusts.", Path("node-trust.pem"))
-    crls_pem: Path | None = doc(
-        "PEM certificate revocation lists; re-read when the file changes.", None
-    )
+    crls_pem: Path | None = doc("PEM certificate revocation lists; re-read when the file changes.", None)
     listen_addresses: list[str] = doc(
         "Multiaddrs to listen on; port 0 picks a free port. Empty: do not listen (behind NAT).",
         default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"],
@@ -109,13 +105,9 @@ class OfferSection:
 class ExecutorSection:
     """One executor this worker can run."""
 
-    executor_class: Literal["train", "aggregate"] = doc(
-        "'train' or 'aggregate' (TOML key: class).", "train"
-    )
+    executor_class: Literal["train", "aggregate"] = doc("'train' or 'aggregate' (TOML key: class).", "train")
     name: str = doc("Executor name that schedulers ask for.", "diloco")
-    runtime: ExecutorRuntime = doc(
-        "'process' (a child process) or 'aggregate' (in the worker).", "process"
-    )
+    runtime: ExecutorRuntime = doc("'process' (a child process) or 'aggregate' (in the worker).", "process")
     cmd: str = doc("Program to run for 'process' executors.", "")
     args: list[str] = doc(
         "Arguments; {SOCKET_PATH}, {WORK_DIR} and {JOB_JSON} are replaced.", default_factory=list
@@ -137,12 +129,8 @@ class WorkerConfig(ClientNetworkSection):
     offer: OfferSection = doc("Pricing.", default_factory=OfferSection)
     executors: list[ExecutorSection] = doc("Executors this worker runs.", default_factory=list)
     offer_window_seconds: float = doc("How long a reservation behind an offer is held.", 5.0)
-    batch_window_seconds: float = doc(
-        "How long advertisements are collected before offering.", 0.05
-    )
-    kill_grace_seconds: float = doc(
-        "Seconds between SIGTERM and SIGKILL when stopping an executor.", 5.0
-    )
+    batch_window_seconds: float = doc("How long advertisements are collected before offering.", 0.05)
+    kill_grace_seconds: float = doc("Seconds between SIGTERM and SIGKILL when stopping an executor.", 5.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()

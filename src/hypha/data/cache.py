@@ -283,9 +283,16 @@ class SliceCache:
     async def _materialize(self, ref: SliceRef) -> tuple[_Entry, bool]:
         """Verify a file left by an earlier run, or fetch; insert and return the entry."""
         path = self._path(ref)
-        leftover = self._unverified.pop((ref.dataset, ref.index, ref.sha256[:8]), None)
+        key = (ref.dataset, ref.index, ref.sha256[:8])
+        leftover = self._unverified.pop(key, None)
         if leftover is not None:
-            size, digest = await trio.to_thread.run_sync(_size_and_sha256, leftover)
+            try:
+                size, digest = await trio.to_thread.run_sync(_size_and_sha256, leftover)
+            except OSError:
+                size, digest = -1, ""
+            except BaseException:
+                self._unverified[key] = leftover  # cancelled: still on disk, still unverified
+                raise
             if _matches(ref, size, digest):
                 return self._insert(ref, path, size), False
             leftover.unlink(missing_ok=True)
@@ -300,9 +307,7 @@ class SliceCache:
         except BaseException as exc:
             temporary.unlink(missing_ok=True)
             if isinstance(exc, Exception) and not isinstance(exc, HyphaError):
-                raise TransferError(
-                    f"fetching slice {ref.dataset}/{ref.index} failed: {exc!r}"
-                ) from exc
+                raise TransferError(f"fetching slice {ref.dataset}/{ref.index} failed: {exc!r}") from exc
             raise
         if not _matches(ref, size, digest):
             temporary.unlink(missing_ok=True)

@@ -125,9 +125,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     def slice_info(self, index: int) -> SliceInfo:
         """Return the entry of slice ``index``; raises ``DataError`` when out of range."""
         if not 0 <= index < self.num_slices:
-            raise DataError(
-                f"slice {index} out of range: dataset {self.name!r} has {self.num_slices}"
-            )
+            raise DataError(f"slice {index} out of range: dataset {self.name!r} has {self.num_slices}")
         return self.slices[index]
 
 
@@ -149,9 +147,7 @@ def validate(manifest: Manifest) -> list[str]:
     if manifest.samples_per_slice < 1:
         problems.append(f"samples_per_slice {manifest.samples_per_slice} < 1")
     if manifest.num_slices != len(manifest.slices):
-        problems.append(
-            f"num_slices {manifest.num_slices} but {len(manifest.slices)} slice entries"
-        )
+        problems.append(f"num_slices {manifest.num_slices} but {len(manifest.slices)} slice entries")
     if manifest.num_slices < 1:
         problems.append("no slices")
     total = sum(s.num_samples for s in manifest.slices)

@@ -107,9 +107,7 @@ def prepare_dataset(
         input_ids, num_files = _load_text(files, str(source), seq_len, max_samples)
         arrays, vocab_size = {"input_ids": input_ids}, TOKENIZERS[tokenizer]
         description = f"text:{source.name} ({num_files} files, {tokenizer} tokens)"
-    return _write_dataset(
-        arrays, name, out, slice_samples, max_samples, description, vocab_size, progress
-    )
+    return _write_dataset(arrays, name, out, slice_samples, max_samples, description, vocab_size, progress)
 
 
 def builtin_corpus_dir() -> Path:
@@ -253,9 +251,7 @@ def _load_text(
     if num_files == 0:
         raise DataError(f"no usable text in {what}")
     if num_bytes < seq_len:
-        raise DataError(
-            f"{what} holds {num_bytes} bytes of text, fewer than one sequence of {seq_len}"
-        )
+        raise DataError(f"{what} holds {num_bytes} bytes of text, fewer than one sequence of {seq_len}")
     num_samples = num_bytes // seq_len
     if max_samples is not None:
         num_samples = min(num_samples, max_samples)
@@ -269,9 +265,7 @@ def _load_text(
 
 def _checked_array(path: Path, key: str, array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
     if array.dtype.name not in DTYPES:
-        raise DataError(
-            f"{path}: array {key!r} has dtype {array.dtype}; supported: {sorted(DTYPES)}"
-        )
+        raise DataError(f"{path}: array {key!r} has dtype {array.dtype}; supported: {sorted(DTYPES)}")
     if array.ndim < 1 or array.shape[0] < 1:
         raise DataError(f"{path}: array {key!r} has shape {array.shape}, needs samples first")
     return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("=")))
@@ -364,9 +358,7 @@ def _write_dataset(
     entries: list[SliceInfo] = []
     for index in range(num_slices):
         start, stop = index * slice_samples, min((index + 1) * slice_samples, num_samples)
-        tensors = {
-            key: torch.from_numpy(np.ascontiguousarray(a[start:stop])) for key, a in arrays.items()
-        }
+        tensors = {key: torch.from_numpy(np.ascontiguousarray(a[start:stop])) for key, a in arrays.items()}
         blob = _canonical_safetensors(
             safetensors_save(tensors, metadata={"dataset": name, "index": str(index)})
         )

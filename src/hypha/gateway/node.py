@@ -27,9 +27,7 @@ async def _serve(node: Node, nursery: trio.Nursery) -> Mapping[str, object] | No
 
     async def forward_adverts() -> None:
         # Being subscribed makes the gateway part of the topic's mesh; it only drains.
-        async with node.gossip.subscribe(
-            ids.WORKER_TOPIC, m.WorkerRequest, roles={"scheduler"}
-        ) as sub:
+        async with node.gossip.subscribe(ids.WORKER_TOPIC, m.WorkerRequest, roles={"scheduler"}) as sub:
             started.set()
             async for received in sub:
                 logger.debug("advert %s from %s", received.message.id, received.origin)

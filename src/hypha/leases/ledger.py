@@ -221,9 +221,7 @@ class Ledger(Generic[T]):
         lease = self._held(lease_id, holder)
         if lease.kind is not LeaseKind.TEMPORARY:
             raise LeaseError(f"lease {lease_id} is already renewable")
-        promoted = replace(
-            lease, kind=LeaseKind.RENEWABLE, expires_at=self._clock() + duration_seconds
-        )
+        promoted = replace(lease, kind=LeaseKind.RENEWABLE, expires_at=self._clock() + duration_seconds)
         self._leases[lease_id] = promoted
         return promoted
 

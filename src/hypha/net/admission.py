@@ -68,9 +68,7 @@ class AdmissionTransport(TLSTransport):
             logger.warning("refused inbound connection from %s: %s", _remote(conn), exc)
             raise
         except Exception as exc:
-            logger.warning(
-                "refused inbound connection from %s: TLS handshake failed: %s", _remote(conn), exc
-            )
+            logger.warning("refused inbound connection from %s: TLS handshake failed: %s", _remote(conn), exc)
             raise AdmissionError(f"TLS handshake failed: {exc}") from exc
 
     async def secure_outbound(self, conn: IRawConnection, peer_id: ID) -> ISecureConn:

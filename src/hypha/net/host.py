@@ -147,11 +147,7 @@ class Node:
         if refusal is not None:
             return f"refused the peer: {refusal}"
         text = _leaf(exc)
-        if (
-            "Failed to connect after" in text
-            or "upgrade" in text.lower()
-            or "handshake" in text.lower()
-        ):
+        if "Failed to connect after" in text or "upgrade" in text.lower() or "handshake" in text.lower():
             return (
                 f"{text}; the peer closed the connection during the security handshake "
                 "(it may not trust our certificate: another CA, revoked or expired)"
@@ -190,32 +186,24 @@ class Node:
                 return
             except Exception as exc:
                 errors.append(f"via {gateway.peer_id}: {_leaf(exc)}")
-        raise PeerUnreachableError(
-            f"cannot reach {peer_id}: " + ("; ".join(errors) or "no known address")
-        )
+        raise PeerUnreachableError(f"cannot reach {peer_id}: " + ("; ".join(errors) or "no known address"))
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         """Open a stream to ``peer_id`` for ``protocol``, connecting first if needed."""
         await self.ensure_connected(peer_id)
         try:
-            stream: Stream = await self._host.new_stream(
-                ID.from_base58(peer_id), [TProtocol(protocol)]
-            )
+            stream: Stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except Exception as exc:
             raise NetworkError(f"cannot open {protocol} to {peer_id}: {_leaf(exc)}") from exc
         return stream
 
-    async def request(
-        self, peer_id: str, msg: m.Msg, expect: type[M], protocol: str = ids.API_PROTOCOL
-    ) -> M:
+    async def request(self, peer_id: str, msg: m.Msg, expect: type[M], protocol: str = ids.API_PROTOCOL) -> M:
         """Send one request and return the typed response (bounded by ``rpc_timeout_seconds``)."""
         with trio.fail_after(self.settings.rpc_timeout_seconds):
             stream = await self.open_stream(peer_id, protocol)
             return await exchange(stream, msg, expect)
 
-    def set_stream_handler(
-        self, protocol: str, handler: Callable[[Stream, str], Awaitable[None]]
-    ) -> None:
+    def set_stream_handler(self, protocol: str, handler: Callable[[Stream, str], Awaitable[None]]) -> None:
         """Serve raw streams of ``protocol``; ``handler(stream, peer_id)``."""
 
         async def _handler(stream: Any) -> None:
@@ -282,9 +270,7 @@ async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
         sec_opt={TLS_PROTOCOL: security},
         muxer_opt={TProtocol(YAMUX_PROTOCOL): Yamux},
         # One connection per peer (else every dial waits 250 ms); no background auto-dialing.
-        connection_config=ConnectionConfig(
-            max_connections_per_peer=1, min_connections=0, low_watermark=0
-        ),
+        connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
         listen_addrs=[multiaddr.Multiaddr(a) for a in settings.listen_addresses] or None,
     )
     node = Node(settings, host, directory, security)

@@ -25,6 +25,4 @@ async def probe_health(config: NetworkSection, address: str) -> m.HealthResponse
     )
     async with open_node(settings) as node:
         peer = await node.connect(address)
-        return await node.request(
-            peer, m.HealthRequest(), m.HealthResponse, protocol=ids.HEALTH_PROTOCOL
-        )
+        return await node.request(peer, m.HealthRequest(), m.HealthResponse, protocol=ids.HEALTH_PROTOCOL)

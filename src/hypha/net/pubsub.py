@@ -93,17 +93,13 @@ class Gossip:
                 return False
             if not isinstance(msg, kind):
                 self.num_dropped += 1
-                logger.warning(
-                    "dropped %s on %s: expected %s", type(msg).__name__, topic, kind.__name__
-                )
+                logger.warning("dropped %s on %s: expected %s", type(msg).__name__, topic, kind.__name__)
                 return False
             origin = str(ID(raw.from_id))
             role = self._directory.role(origin)
             if roles is not None and role is not None and role not in roles:
                 self.num_dropped += 1
-                logger.warning(
-                    "dropped gossip on %s from %s: role %s may not publish", topic, origin, role
-                )
+                logger.warning("dropped gossip on %s from %s: role %s may not publish", topic, origin, role)
                 return False
             return True
 

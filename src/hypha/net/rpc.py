@@ -82,9 +82,7 @@ class Route:
 class RpcServer:
     """Dispatches framed requests to handlers registered per message type."""
 
-    def __init__(
-        self, role_of: Callable[[str], str | None], request_timeout_seconds: float
-    ) -> None:
+    def __init__(self, role_of: Callable[[str], str | None], request_timeout_seconds: float) -> None:
         self._routes: dict[type[m.Msg], Route] = {}
         self._role_of = role_of
         self._timeout = request_timeout_seconds
@@ -122,9 +120,7 @@ class RpcServer:
             return
         route = self._routes.get(type(request))
         if route is None:
-            await self._reject(
-                stream, peer, "unsupported", f"no handler for {type(request).__name__}"
-            )
+            await self._reject(stream, peer, "unsupported", f"no handler for {type(request).__name__}")
         elif route.roles is not None and self._role_of(peer) not in route.roles:
             await self._reject(
                 stream,

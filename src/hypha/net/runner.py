@@ -22,9 +22,7 @@ from hypha.pki.verify import TlsFiles
 
 def settings_from_config(role: str, config: NetworkSection) -> NodeSettings:
     """Build the network settings of ``role`` from its config section."""
-    tls = TlsFiles(
-        cert=config.cert_pem, key=config.key_pem, trust=config.trust_pem, crls=config.crls_pem
-    )
+    tls = TlsFiles(cert=config.cert_pem, key=config.key_pem, trust=config.trust_pem, crls=config.crls_pem)
     common = {
         "role": role,
         "tls": tls,

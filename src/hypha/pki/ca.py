@@ -181,9 +181,7 @@ def issue_node(
     key = ed25519.Ed25519PrivateKey.generate()
     public = key.public_key()
     peer_id = peer_id_of(public)
-    spki = public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    spki = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     signed_key = _signed_key_der(public, key.sign(LIBP2P_CERT_PREFIX + spki))
     org = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
@@ -203,15 +201,11 @@ def issue_node(
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"{PEER_URI_PREFIX}{peer_id}")]
-            ),
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"{PEER_URI_PREFIX}{peer_id}")]),
             critical=False,
         )
         .add_extension(x509.UnrecognizedExtension(LIBP2P_EXTENSION_OID, signed_key), critical=False)

@@ -135,14 +135,10 @@ class CertificateVerifier:
                 f"certificate of {_cn(cert)!r} is not valid before {cert.not_valid_before_utc}"
             )
         if now > cert.not_valid_after_utc:
-            raise AdmissionError(
-                f"certificate of {_cn(cert)!r} expired at {cert.not_valid_after_utc}"
-            )
+            raise AdmissionError(f"certificate of {_cn(cert)!r} expired at {cert.not_valid_after_utc}")
         self._load_crls()
         if (ca.subject.public_bytes(), cert.serial_number) in self._revoked:
-            raise AdmissionError(
-                f"certificate of {_cn(cert)!r} (serial {cert.serial_number:x}) is revoked"
-            )
+            raise AdmissionError(f"certificate of {_cn(cert)!r} (serial {cert.serial_number:x}) is revoked")
         key_bytes, peer_id = _libp2p_binding(cert)
         uris = _peer_uris(cert)
         if uris and peer_id not in uris:
@@ -182,9 +178,7 @@ def _libp2p_binding(cert: x509.Certificate) -> tuple[bytes, str]:
     try:
         ext = cert.extensions.get_extension_for_oid(LIBP2P_EXTENSION_OID).value
     except x509.ExtensionNotFound as exc:
-        raise AdmissionError(
-            f"certificate of {_cn(cert)!r} lacks the libp2p key extension"
-        ) from exc
+        raise AdmissionError(f"certificate of {_cn(cert)!r} lacks the libp2p key extension") from exc
     if not isinstance(ext, x509.UnrecognizedExtension):
         raise AdmissionError("malformed libp2p key extension")
     try:

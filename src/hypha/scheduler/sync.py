@@ -77,8 +77,7 @@ def simulate(trainers: Sequence[TrainerPace], samples_remaining: int) -> Plan:
         raise ValueError("no trainers to cover the remaining samples")
 
     events = [
-        (max(0.0, pace.next_batch_done_in_seconds), pace.worker, index)
-        for index, pace in enumerate(trainers)
+        (max(0.0, pace.next_batch_done_in_seconds), pace.worker, index) for index, pace in enumerate(trainers)
     ]
     heapq.heapify(events)
     remaining = samples_remaining
@@ -233,9 +232,7 @@ class SyncPlanner:
         outstanding = sum(t.outstanding * t.batch_size for t in self._trainers.values())
         return self._sample_budget - self._samples_done - outstanding
 
-    def on_batches(
-        self, worker: str, batches: int, samples: int, seconds: float, now: float
-    ) -> int | None:
+    def on_batches(self, worker: str, batches: int, samples: int, seconds: float, now: float) -> int | None:
         """Record a progress report and decide whether ``worker`` should schedule its sync.
 
         Args:
@@ -313,8 +310,6 @@ class SyncPlanner:
             num_trainers=len(self._trainers),
             num_committed=sum(1 for t in self._trainers.values() if t.committed is not None),
             seconds_per_batch={
-                w: t.seconds_per_batch
-                for w, t in self._trainers.items()
-                if t.seconds_per_batch is not None
+                w: t.seconds_per_batch for w, t in self._trainers.items() if t.seconds_per_batch is not None
             },
         )

@@ -68,9 +68,7 @@ async def _serve_commands(node: Node) -> None:
                 await node.gossip.publish(ids.WORKER_TOPIC, msg)
                 return None
             if op == "echo":
-                r = await node.request(
-                    cmd["peer"], m.EchoRequest(payload=cmd["payload"]), m.EchoResponse
-                )
+                r = await node.request(cmd["peer"], m.EchoRequest(payload=cmd["payload"]), m.EchoResponse)
                 return r.payload
             if op == "health":
                 h = await node.request(cmd["peer"], m.HealthRequest(), m.HealthResponse)
@@ -111,9 +109,7 @@ def main() -> None:
         node.rpc.register(m.EchoRequest, echo)
         nursery.start_soon(_serve_commands, node)
 
-    trio.run(
-        lambda: run_node(settings_from_config(args.role, config), body, ready_file=args.ready_file)
-    )
+    trio.run(lambda: run_node(settings_from_config(args.role, config), body, ready_file=args.ready_file))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,7 @@ def _check_keys(expected: Iterable[str], got: Iterable[str], what: str) -> None:
     expected_set, got_set = set(expected), set(got)
     if expected_set != got_set:
         raise ValueError(
-            f"{what}: missing {sorted(expected_set - got_set)}, "
-            f"unexpected {sorted(got_set - expected_set)}"
+            f"{what}: missing {sorted(expected_set - got_set)}, unexpected {sorted(got_set - expected_set)}"
         )
 
 

@@ -148,9 +148,7 @@ class TinyGPT(nn.Module):
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
 
-    def forward(
-        self, input_ids: Tensor, labels: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Compute next-token logits and, with ``labels``, the mean cross-entropy.
 
         Args:

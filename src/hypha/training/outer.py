@@ -22,9 +22,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 
-def _check_same_layout(
-    reference: Mapping[str, Tensor], other: Mapping[str, Tensor], what: str
-) -> None:
+def _check_same_layout(reference: Mapping[str, Tensor], other: Mapping[str, Tensor], what: str) -> None:
     """Raise ValueError unless ``other`` has exactly the keys and shapes of ``reference``."""
     missing = reference.keys() - other.keys()
     extra = other.keys() - reference.keys()
@@ -38,9 +36,7 @@ def _check_same_layout(
             )
 
 
-def weighted_mean(
-    updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
-) -> dict[str, Tensor]:
+def weighted_mean(updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
     """Average tensors by name, each update weighted by its sample count.
 
     Computes sum_i(w_i * u_i) / sum_i(w_i) per name, accumulating in float32 on the first
@@ -151,15 +147,11 @@ class NesterovOuter:
         Keys are ``momentum.<param name>`` (CPU float32 copies) plus ``num_steps`` (an
         int64 scalar). Learning rate and momentum come from the job config, not the state.
         """
-        state = {
-            f"momentum.{name}": buf.detach().cpu().clone() for name, buf in self._buffers.items()
-        }
+        state = {f"momentum.{name}": buf.detach().cpu().clone() for name, buf in self._buffers.items()}
         state["num_steps"] = torch.tensor(self.num_steps, dtype=torch.int64)
         return state
 
-    def load_state_dict(
-        self, state: Mapping[str, Tensor], device: torch.device | None = None
-    ) -> None:
+    def load_state_dict(self, state: Mapping[str, Tensor], device: torch.device | None = None) -> None:
         """Restore state written by ``state_dict``.
 
         Args:

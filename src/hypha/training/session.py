@@ -65,9 +65,7 @@ class Session:
         self.socket_path = Path(socket_path)
         self.work_dir = Path(work_dir)
         transport = httpx.HTTPTransport(uds=os.fspath(self.socket_path))
-        self._client = httpx.Client(
-            transport=transport, base_url=_BASE_URL, timeout=timeout_seconds
-        )
+        self._client = httpx.Client(transport=transport, base_url=_BASE_URL, timeout=timeout_seconds)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:

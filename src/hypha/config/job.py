@@ -1,0 +1,146 @@
+"""The job spec: what a scheduler trains, with what, on whom, and where results go.
+
+Owns the TOML shape of ``hypha scheduler --job JOB.toml`` and ``hypha job validate``: one
+frozen dataclass per table, every field documented, checked with the same loader as node
+configs (unknown keys and wrong types are errors naming the key and file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from hypha.config.load import _build
+from hypha.config.schema import doc
+from hypha.errors import ConfigError
+
+ModelKind = Literal["builtin", "hf"]
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    kind: ModelKind = doc(
+        "'builtin' (name: gpt or mlp) or 'hf' (a local Hugging Face config dir).", "builtin"
+    )
+    name: str = doc("Built-in model name: 'gpt' (causal LM) or 'mlp' (classifier).", "gpt")
+    path: Path | None = doc("Directory with config.json for kind = 'hf' (built with from_config).", None)
+    options: dict[str, float] = doc("Model options, e.g. {dim = 64, num_layers = 2}.", default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind == "hf" and self.path is None:
+            raise ValueError("model.path: required when kind = 'hf'")
+
+
+@dataclass(frozen=True)
+class InnerSection:
+    """AdamW on every trainer."""
+
+    lr: float = doc("Peak learning rate.", 1e-3)
+    beta1: float = doc("AdamW beta1.", 0.9)
+    beta2: float = doc("AdamW beta2.", 0.95)
+    weight_decay: float = doc("AdamW weight decay.", 0.1)
+    warmup_steps: int = doc("Linear warmup steps.", 10)
+    schedule: Literal["cosine", "constant"] = doc("Learning-rate schedule after warmup.", "cosine")
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("inner.lr: must be positive")
+
+
+@dataclass(frozen=True)
+class OuterSection:
+    """Nesterov momentum on the parameter server."""
+
+    lr: float = doc("Outer learning rate.", 0.7)
+    momentum: float = doc("Outer Nesterov momentum.", 0.9)
+
+
+@dataclass(frozen=True)
+class ResourceNeeds:
+    gpu: float = doc("GPU memory in GB.", 0.0)
+    cpu: float = doc("CPU cores.", 1.0)
+    memory: float = doc("Memory in GB.", 1.0)
+    storage: float = doc("Disk in GB.", 0.0)
+
+
+@dataclass(frozen=True)
+class PoolSection:
+    """A pool of workers of one kind."""
+
+    executor: str = doc("Executor name the workers must offer.", "diloco")
+    min: int = doc("Fewest members before the job is in danger.", 1)
+    target: int = doc("Members to keep leased.", 2)
+    grace_seconds: float = doc("How long the pool may stay below min before the job fails.", 60.0)
+    bid: float = doc("Price offered per lease (public).", 1.0)
+    max_price: float = doc("Highest price accepted (private).", 10.0)
+    resources: ResourceNeeds = doc("Resources each member needs.", default_factory=ResourceNeeds)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min <= self.target:
+            raise ValueError("need 0 <= min <= target")
+        if self.bid > self.max_price:
+            raise ValueError("bid: must not exceed max_price")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A DiLoCo training job."""
+
+    name: str = doc("Job name; also the default output directory runs/<name>.", "job")
+    dataset: str = doc("Dataset name announced by a data node.", "stdlib-text")
+    rounds: int = doc("Outer rounds (synchronisations).", 10)
+    samples_per_round: int = doc("Samples all trainers together process per round.", 1024)
+    batch_size: int = doc("Samples per inner batch on each trainer.", 16)
+    seed: int = doc("Seed of the initial weights and data order.", 0)
+    encoding: Literal["fp32", "fp16", "int8"] = doc("Encoding of pseudo-gradients and weights.", "fp32")
+    output_dir: Path | None = doc("Where results go (default runs/<name>).", None)
+    report_every_seconds: float = doc("How often trainers report progress.", 0.25)
+    sync_horizon_seconds: float = doc("Plan the sync once the round would end within this time.", 1.0)
+    round_deadline_seconds: float = doc(
+        "After the first update, close a round with what arrived (if >= trainers.min) after this long.",
+        120.0,
+    )
+    eval_batches: int = doc("Held-out batches the parameter server evaluates per round.", 4)
+    model: ModelSection = doc("The model.", default_factory=ModelSection)
+    inner: InnerSection = doc("Inner optimizer.", default_factory=InnerSection)
+    outer: OuterSection = doc("Outer optimizer.", default_factory=OuterSection)
+    trainers: PoolSection = doc("Trainer pool.", default_factory=PoolSection)
+    parameter_server: PoolSection = doc(
+        "Parameter server pool (target 1).",
+        default_factory=lambda: PoolSection(executor="parameter-server", min=1, target=1),
+    )
+    lease_seconds: float | None = doc("Override the scheduler's lease lifetime for this job.", None)
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "samples_per_round", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be positive")
+        if self.parameter_server.target != 1:
+            raise ValueError("parameter_server.target: exactly one parameter server is supported")
+
+    @property
+    def out(self) -> Path:
+        return self.output_dir if self.output_dir is not None else Path("runs") / self.name
+
+
+def load_job(path: Path) -> JobSpec:
+    """Load and check a job spec; ``ConfigError`` lists every problem with its key."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"job file {path} does not exist") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    problems: list[str] = []
+    spec = _build(JobSpec, raw, "", problems, path.resolve().parent)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in {path}", [f"{path}: {p}" for p in problems])
+    return spec
+
+
+def job_with(spec: JobSpec, **changes: object) -> JobSpec:
+    """A copy of ``spec`` with top-level fields replaced (used by ``hypha up``)."""
+    return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,138 @@
+"""The process executor: run a task's program as a child process and watch it.
+
+Owns spawning (placeholders ``{SOCKET_PATH}``, ``{WORK_DIR}``, ``{JOB_JSON}`` in the args and
+the same values in ``HYPHA_SOCKET``, ``HYPHA_WORK_DIR``, ``HYPHA_JOB``), forwarding its
+stdout/stderr into the worker's log line by line with the task id, keeping the last lines of
+stderr for failure reports, and stopping it: SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from hypha.errors import JobError
+
+logger = logging.getLogger(__name__)
+STDERR_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    exit_code: int
+    stderr_tail: str
+
+
+def expand_args(args: Sequence[str], values: Mapping[str, str]) -> list[str]:
+    """Replace ``{SOCKET_PATH}``-style placeholders in each argument."""
+    out = []
+    for arg in args:
+        for key, value in values.items():
+            arg = arg.replace("{" + key + "}", value)
+        out.append(arg)
+    return out
+
+
+async def _pump(stream: trio.abc.ReceiveStream, prefix: str, level: int, tail: deque[str] | None) -> None:
+    buffer = b""
+    async for chunk in stream:
+        buffer += chunk
+        while b"\n" in buffer:
+            raw, buffer = buffer.split(b"\n", 1)
+            line = raw.decode(errors="replace").rstrip()
+            logger.log(level, "%s %s", prefix, line)
+            if tail is not None:
+                tail.append(line)
+    if buffer:
+        line = buffer.decode(errors="replace").rstrip()
+        logger.log(level, "%s %s", prefix, line)
+        if tail is not None:
+            tail.append(line)
+
+
+async def run_executor_process(
+    cmd: str,
+    args: Sequence[str],
+    *,
+    socket_path: Path,
+    work_dir: Path,
+    job_json: Path,
+    task_id: str,
+    kill_grace_seconds: float,
+    extra_env: Mapping[str, str] | None = None,
+) -> ProcessResult:
+    """Run the executor to completion and return its exit code and stderr tail.
+
+    Cancellation: the child gets SIGTERM, then SIGKILL after ``kill_grace_seconds``; this
+    returns only once it is gone.
+
+    Raises:
+        JobError: the program could not be started.
+    """
+    values = {"SOCKET_PATH": str(socket_path), "WORK_DIR": str(work_dir), "JOB_JSON": str(job_json)}
+    argv = [cmd, *expand_args(args, values)]
+    env = {
+        **os.environ,
+        "HYPHA_SOCKET": str(socket_path),
+        "HYPHA_WORK_DIR": str(work_dir),
+        "HYPHA_JOB": str(job_json),
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+    try:
+        process = await trio.lowlevel.open_process(
+            argv,
+            cwd=str(work_dir),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise JobError(f"cannot start executor {cmd!r}: {exc}") from exc
+    tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+    prefix = f"[task {task_id[:8]}]"
+    logger.info("%s started pid %d: %s", prefix, process.pid, " ".join(argv))
+    try:
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None
+            assert process.stderr is not None
+            nursery.start_soon(_pump, process.stdout, prefix, logging.INFO, None)
+            nursery.start_soon(_pump, process.stderr, prefix, logging.WARNING, tail)
+            await process.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            await stop_process(process, kill_grace_seconds, prefix)
+    code = process.returncode if process.returncode is not None else -1
+    logger.info("%s exited with %d", prefix, code)
+    return ProcessResult(exit_code=code, stderr_tail="\n".join(tail))
+
+
+async def stop_process(process: trio.Process, grace_seconds: float, prefix: str) -> None:
+    """SIGTERM the process group, SIGKILL it after ``grace_seconds`` if still running."""
+    if process.returncode is not None:
+        return
+    _signal_group(process, signal.SIGTERM)
+    with trio.move_on_after(grace_seconds):
+        await process.wait()
+    if process.returncode is None:
+        logger.warning("%s ignored SIGTERM for %.1f s; killing it", prefix, grace_seconds)
+        _signal_group(process, signal.SIGKILL)
+        await process.wait()
+
+
+def _signal_group(process: trio.Process, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        process.send_signal(signum)

@@ -1,0 +1,101 @@
+"""The worker's leases: who holds this worker's resources, and what happens on expiry.
+
+Owns the RPC handlers of the lease holder's requests (``RenewLease``, ``ReleaseLease``),
+the holder check that refuses anyone else (a forged request gets ``LeaseError``), and the
+expiry watcher that frees resources promptly and tells the job manager to stop the tasks
+that ran under an expired or released lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from hypha.errors import LeaseError
+from hypha.leases import Lease, LeaseKind, ResourceLedger
+from hypha.net.host import Node
+from hypha.protocol import messages as m
+from hypha.resources import Resources
+
+logger = logging.getLogger(__name__)
+
+OnLeaseEnd = Callable[[str, str], Awaitable[None]]
+"""``async def on_end(lease_id, reason)``: stop what runs under the lease."""
+
+
+class WorkerLeases:
+    """The ledger of this worker plus the protocol around it."""
+
+    def __init__(self, node: Node, capacity: Resources) -> None:
+        self._node = node
+        self.ledger = ResourceLedger(capacity, trio.current_time)
+        self._durations: dict[str, float] = {}
+        self._changed = trio.Event()
+        self._on_end: list[OnLeaseEnd] = []
+        self.num_expired = 0
+        node.rpc.register(m.RenewLeaseRequest, self._renew, roles={"scheduler"})
+        node.rpc.register(m.ReleaseLeaseRequest, self._release, roles={"scheduler"})
+
+    def on_lease_end(self, callback: OnLeaseEnd) -> None:
+        self._on_end.append(callback)
+
+    def changed(self) -> None:
+        """Wake the expiry watcher (a lease was added, promoted or removed)."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def held_by(self, lease_id: str, peer: str) -> Lease[Resources]:
+        """The live renewable lease ``lease_id`` if ``peer`` holds it, else ``LeaseError``."""
+        lease = self.ledger.get(lease_id)
+        if lease is None:
+            raise LeaseError(f"lease {lease_id} is unknown or expired")
+        if lease.holder != peer:
+            logger.warning("refused %s: lease %s is held by another peer", peer, lease_id)
+            raise LeaseError(f"lease {lease_id} is not held by {peer}")
+        if lease.kind is not LeaseKind.RENEWABLE:
+            raise LeaseError(f"lease {lease_id} has not been accepted")
+        return lease
+
+    def remember_duration(self, lease_id: str, seconds: float) -> None:
+        self._durations[lease_id] = seconds
+
+    async def _renew(self, peer: str, request: m.RenewLeaseRequest) -> m.Msg:
+        lease = self.ledger.get(request.lease_id)
+        if lease is None:
+            return m.LeaseGone(lease_id=request.lease_id, reason="unknown or expired")
+        self.held_by(request.lease_id, peer)
+        seconds = self._durations.get(request.lease_id, lease.expires_at - trio.current_time())
+        self.ledger.renew(request.lease_id, peer, seconds)
+        self.changed()
+        return m.LeaseRenewed(lease_id=request.lease_id, lease_seconds=seconds)
+
+    async def _release(self, peer: str, request: m.ReleaseLeaseRequest) -> m.Ack:
+        if self.ledger.get(request.lease_id) is not None:
+            self.held_by(request.lease_id, peer)
+            self.ledger.remove(request.lease_id, peer)
+            self._durations.pop(request.lease_id, None)
+            self.changed()
+            await self._ended(request.lease_id, "released by its holder")
+        return m.Ack()
+
+    async def _ended(self, lease_id: str, reason: str) -> None:
+        for callback in self._on_end:
+            await callback(lease_id, reason)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch for expiry until cancelled: resources free up at once, tasks are stopped."""
+        task_status.started()
+        while True:
+            changed = self._changed
+            deadline = self.ledger.next_expiry()
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                await changed.wait()
+            for lease in self.ledger.pop_expired():
+                self._durations.pop(lease.lease_id, None)
+                if lease.kind is LeaseKind.RENEWABLE:
+                    self.num_expired += 1
+                    logger.warning("lease %s of %s expired", lease.lease_id, lease.holder)
+                    await self._ended(lease.lease_id, "lease expired")

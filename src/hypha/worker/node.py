@@ -1,0 +1,80 @@
+"""The worker role: offers resources, holds leases, runs the tasks dispatched under them.
+
+Owns wiring the worker's parts to one node: the lease ledger and its protocol
+(``leases.py``), the arbiter that answers advertisements (``arbiter.py``) and the job
+manager that runs executors (``jobs.py``). It holds no scheduling policy of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import trio
+
+from hypha.config.schema import WorkerConfig
+from hypha.net.host import Node
+from hypha.net.runner import run_node, settings_from_config
+from hypha.resources import Resources
+from hypha.worker.arbiter import Arbiter
+from hypha.worker.jobs import JobManager
+from hypha.worker.leases import WorkerLeases
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    """A running worker's services (for tests and the local runner to inspect)."""
+
+    def __init__(self, node: Node, config: WorkerConfig) -> None:
+        capacity = Resources(
+            gpu=config.resources.gpu,
+            cpu=config.resources.cpu,
+            memory=config.resources.memory,
+            storage=config.resources.storage,
+        )
+        self.node = node
+        self.config = config
+        self.leases = WorkerLeases(node, capacity)
+        self.arbiter = Arbiter(
+            node,
+            self.leases,
+            config.offer,
+            config.executors,
+            offer_window_seconds=config.offer_window_seconds,
+            batch_window_seconds=config.batch_window_seconds,
+        )
+        self.jobs = JobManager(node, self.leases, config)
+
+    async def start(self, nursery: trio.Nursery) -> Mapping[str, object]:
+        await nursery.start(self.leases.run)
+        await nursery.start(self.jobs.run)
+        await nursery.start(self.arbiter.run)
+        return {"work_dir": str(self.config.work_dir)}
+
+
+async def run_worker(
+    config: WorkerConfig,
+    *,
+    ready_file: Path | None = None,
+    task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a worker until cancelled."""
+    holder: dict[str, Worker] = {}
+
+    async def body(node: Node, nursery: trio.Nursery) -> Mapping[str, object]:
+        worker = Worker(node, config)
+        holder["worker"] = worker
+        return await worker.start(nursery)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: run_node(
+                settings_from_config("worker", config),
+                body,
+                ready_file=ready_file,
+                task_status=task_status,
+            )
+        )
+        task_status.started(holder["worker"])
