@@ -12,3 +12,25 @@ from hypha.testing.cluster import Pki
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     return Pki.create(tmp_path / "pki")
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Nested nursery groups hide the real error: add the leaf exceptions to the report."""
+    import traceback
+
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and isinstance(call.excinfo.value, BaseExceptionGroup):
+        text = []
+        for leaf in _leaves(call.excinfo.value):
+            if type(leaf).__name__ == "Cancelled":
+                continue
+            text.append("".join(traceback.format_exception(leaf, chain=False)[-6:]))
+        report.sections.append(("leaf exceptions", "\n".join(text)))

@@ -226,6 +226,28 @@ class RoundClosed(Msg, frozen=True, kw_only=True):
     loss: float | None = None
 
 
+class RoundPlan(Msg, frozen=True, kw_only=True):
+    """The scheduler tells the parameter server which trainers' updates ``round`` expects."""
+
+    job_id: str
+    round: int
+    trainers: list[str]
+    min_updates: int
+
+
+class WeightsRequest(Msg, frozen=True, kw_only=True):
+    """A trainer's worker asks the parameter server for the current global weights."""
+
+    job_id: str
+    round: int | None = None
+
+
+class JobFinished(Msg, frozen=True, kw_only=True):
+    """The scheduler tells the parameter server the job is over (it sends the final model)."""
+
+    job_id: str
+
+
 # --- data -------------------------------------------------------------------------------
 
 
@@ -347,6 +369,9 @@ Message = (
     | SyncAfter
     | Done
     | RoundClosed
+    | RoundPlan
+    | WeightsRequest
+    | JobFinished
     | DatasetRecord
     | ManifestRequest
     | ManifestResponse

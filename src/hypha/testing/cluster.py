@@ -198,3 +198,60 @@ async def open_test_node(
     )
     async with open_node(settings) as node:
         yield node
+
+
+def worker_config(
+    pki: Pki,
+    name: str,
+    gateway: str,
+    work_dir: Path,
+    *,
+    price: float = 1.0,
+    floor: float = 0.1,
+    strategy: str = "whole",
+    cpu: float = 1.0,
+    memory: float = 4.0,
+    gpu: float = 0.0,
+    executors: Sequence[Mapping[str, Any]] = ({"class": "train", "name": "diloco", "cmd": sys.executable},),
+    listen: bool = True,
+    **extra: Any,
+) -> Any:
+    """A ``WorkerConfig`` for an in-process or child worker with fresh credentials."""
+    from hypha.config.load import _build
+    from hypha.config.schema import WorkerConfig
+
+    tls = pki.node(name, "worker")
+    raw: dict[str, Any] = {
+        **pki.config_keys(tls),
+        "gateway_addresses": [gateway],
+        "relay_circuit": False,
+        "listen_addresses": ["/ip4/127.0.0.1/tcp/0"] if listen else [],
+        "work_dir": str(work_dir / name),
+        "resources": {"cpu": cpu, "memory": memory, "gpu": gpu, "storage": 10.0},
+        "offer": {"price": price, "floor": floor, "strategy": strategy},
+        "executors": [dict(e) for e in executors],
+        **extra,
+    }
+    problems: list[str] = []
+    config = _build(WorkerConfig, raw, "", problems, None)
+    if problems:
+        raise ValueError(problems)
+    return config
+
+
+def scheduler_config(pki: Pki, name: str, gateway: str, **extra: Any) -> Any:
+    """A ``SchedulerConfig`` with fresh credentials."""
+    from hypha.config.load import _build
+    from hypha.config.schema import SchedulerConfig
+
+    raw = {
+        **pki.config_keys(pki.node(name, "scheduler")),
+        "gateway_addresses": [gateway],
+        "relay_circuit": False,
+        **extra,
+    }
+    problems: list[str] = []
+    config = _build(SchedulerConfig, raw, "", problems, None)
+    if problems:
+        raise ValueError(problems)
+    return config
