@@ -98,8 +98,20 @@ def run_until_signal(role: str, main: Callable[[], Awaitable[None]]) -> None:
     except BaseExceptionGroup as group:
         leaf = _first_hypha_error(group)
         if leaf is None:
-            raise
+            _print_leaves(group)
+            fail("internal error (traceback above); please report it", code=1)
         fail(str(leaf), code=1)
+
+
+def _print_leaves(group: BaseExceptionGroup[Any]) -> None:
+    """Nested nursery groups bury the real error: print only the innermost tracebacks."""
+    import traceback
+
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            _print_leaves(exc)
+        elif type(exc).__name__ != "Cancelled":
+            sys.stderr.write("".join(traceback.format_exception(exc)))
 
 
 def _first_hypha_error(group: BaseExceptionGroup[Any]) -> HyphaError | None:
@@ -194,6 +206,110 @@ def scheduler(
         "scheduler",
         lambda: run_scheduler(cfg, spec, ready_file=ready_file, allocate_only=allocate_only),
     )
+
+
+data_app = typer.Typer(
+    help="Run a data node (hypha data -c data.toml), or prepare a dataset (hypha data prepare).",
+    invoke_without_command=True,
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.callback()
+def data(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    validate: ValidateOpt = False,
+    ready_file: ReadyOpt = None,
+    listen: ListenOpt = None,
+    gateway: GatewayOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a data node: announce datasets in the DHT and serve their slices."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from hypha.config.schema import DataConfig
+    from hypha.datanode.node import load_datasets, run_data_node
+
+    cfg = load_role_config("data", config, False, net_overrides(listen, gateway))
+    assert isinstance(cfg, DataConfig)
+    try:
+        datasets = load_datasets(list(cfg.dataset_path))
+    except HyphaError as exc:
+        fail(f"{config}: dataset_path: {exc}")
+        return
+    if not datasets:
+        fail(f"{config or '<defaults>'}: dataset_path: no dataset to serve")
+    if validate:
+        err.print(f"{config}: data config is valid ({', '.join(sorted(datasets))})")
+        raise typer.Exit(0)
+    init_logging("data", verbose=verbose)
+    run_until_signal("data", lambda: run_data_node(cfg, ready_file=ready_file))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: Annotated[Path, typer.Argument(help="Folder of text files, a .npy/.npz array file, or a .csv file.")],
+    name: Annotated[str, typer.Option("--name", help="Dataset name (announced in the DHT).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for manifest.json and slices.")],
+    slice_samples: Annotated[int, typer.Option("--slice-samples", help="Samples per slice.")] = 256,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (text).")] = 64,
+    tokenizer: Annotated[str, typer.Option("--tokenizer", help="Text tokenizer: byte.")] = "byte",
+    max_samples: Annotated[int | None, typer.Option("--max-samples", help="Stop after this many samples.")] = None,
+) -> None:
+    """Prepare a dataset into SafeTensors slices and a manifest (deterministic)."""
+    from rich.progress import Progress
+
+    from hypha.data.prepare import prepare_dataset
+
+    try:
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task(f"preparing {name}", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            manifest = prepare_dataset(
+                source, name, out, slice_samples=slice_samples, seq_len=seq_len, tokenizer=tokenizer,
+                max_samples=max_samples, progress=progress,
+            )
+    except (HyphaError, ValueError) as exc:
+        fail(str(exc))
+        return
+    err.print(f"{name}: {manifest.num_samples} samples in {manifest.num_slices} slices written to {out}")
+
+
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option("--workers", "-n", help="Trainer workers (plus one parameter server).")] = 3,
+    job: Annotated[Path | None, typer.Option("--job", "-j", help="Job spec; default: the built-in demo.")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="Override the demo's number of rounds.")] = None,
+    single_process: Annotated[
+        bool, typer.Option("--single-process", help="All roles in this process (trainers still run as children).")
+    ] = False,
+    directory: Annotated[Path, typer.Option("--dir", help="Where the network's files and datasets go.")] = Path(
+        "runs/local"
+    ),
+    live: Annotated[bool, typer.Option("--live/--no-live", help="Draw the live view.")] = True,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Start a whole Hypha network on this machine and train one job with DiLoCo."""
+    from hypha.cli.up import run_up
+    from hypha.local import make_plan
+
+    if workers < 1:
+        fail("--workers must be at least 1")
+    init_logging("up", verbose=verbose, quiet=not verbose)
+    try:
+        plan = make_plan(directory, job, workers, rounds)
+        code = run_up(plan, err, single_process=single_process, live=live)
+    except ConfigError as exc:
+        fail(str(exc), exc.problems)
+        return
+    except HyphaError as exc:
+        fail(str(exc), code=1)
+        return
+    raise typer.Exit(code)
 
 
 job_app = typer.Typer(help="Job specs.", no_args_is_help=True)

@@ -131,12 +131,20 @@ class WorkerConfig(ClientNetworkSection):
     offer_window_seconds: float = doc("How long a reservation behind an offer is held.", 5.0)
     batch_window_seconds: float = doc("How long advertisements are collected before offering.", 0.05)
     kill_grace_seconds: float = doc("Seconds between SIGTERM and SIGKILL when stopping an executor.", 5.0)
+    cache_slices: int = doc("Dataset slices kept in the worker's cache (least recently used evicted).", 64)
+    prefetch_depth: int = doc("Slices fetched ahead of the executor's requests.", 2)
+    throttle: float = doc("Test knob: train N times slower than this machine can (emulates a slow worker).", 1.0)
+    uri_allow: list[str] = doc(
+        "URI prefixes executors may fetch by reference (e.g. 'file:///data/'); empty: none.", default_factory=list
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("offer_window_seconds", "batch_window_seconds", "kill_grace_seconds"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be positive")
+        if self.cache_slices < 1 or self.prefetch_depth < 0:
+            raise ValueError("cache_slices/prefetch_depth: cache_slices >= 1, prefetch_depth >= 0")
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,7 @@ class ProgressReport(_Report, frozen=True, kw_only=True, tag="batches"):
     seconds: float
     loss: float | None = None
     round: int = 0
+    slices_done: list[int] = msgspec.field(default_factory=list)
 
 
 class UpdateSentReport(_Report, frozen=True, kw_only=True, tag="update_sent"):

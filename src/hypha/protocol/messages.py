@@ -171,6 +171,8 @@ class BatchesDone(Msg, frozen=True, kw_only=True):
     samples: int
     seconds: float
     loss: float | None = None
+    slices_done: list[int] = msgspec.field(default_factory=list)
+    """Dataset slices fully consumed since the last report (they become USED)."""
 
 
 class UpdateSent(Msg, frozen=True, kw_only=True):
@@ -284,12 +286,20 @@ class NextSliceRequest(Msg, frozen=True, kw_only=True):
     dataset: str
 
 
+class SliceHint(msgspec.Struct, frozen=True, kw_only=True):
+    """A slice the scheduler expects to assign to this worker soon (for prefetching)."""
+
+    index: int
+    sha256: str
+
+
 class SliceAssign(Msg, frozen=True, kw_only=True):
     dataset: str
     index: int
     epoch: int
     sha256: str
     providers: list[str]
+    upcoming: list[SliceHint] = msgspec.field(default_factory=list)
 
 
 class NoSlice(Msg, frozen=True, kw_only=True):

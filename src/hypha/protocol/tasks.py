@@ -68,6 +68,10 @@ class AggregateTask(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind",
     dataset: str = ""
     eval_batches: int = 4
     batch_size: int = 16
+    eval_index: int | None = None
+    """Held-out slice the parameter server evaluates the global model on after each round."""
+    eval_sha256: str = ""
+    providers: list[str] = msgspec.field(default_factory=list)
 
 
 TaskDoc = TrainTask | AggregateTask

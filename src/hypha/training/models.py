@@ -233,9 +233,10 @@ def _make_config(config_cls: type[Any], name: str, options: Mapping[str, int | f
         wants_int = fields[key].type in (int, "int")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"model {name!r} option {key!r} must be a number, got {value!r}")
-        if wants_int and not isinstance(value, int):
+        if wants_int and not (isinstance(value, int) or float(value).is_integer()):
             raise ValueError(f"model {name!r} option {key!r} must be an integer, got {value!r}")
-        kwargs[key] = value if wants_int else float(value)
+        # Options travel as JSON/TOML numbers: 64.0 is the integer 64.
+        kwargs[key] = int(value) if wants_int else float(value)
     return config_cls(**kwargs)
 
 

@@ -123,6 +123,13 @@ class JobManager:
                 task.state = "cancelled"
                 task.scope.cancel()
 
+    def task_for_job(self, job_id: str, executor_class: str) -> Task | None:
+        """The running task of ``job_id`` with that executor class, if this worker has one."""
+        for task in self.tasks.values():
+            if task.job_id == job_id and task.executor.executor_class == executor_class:
+                return task
+        return None
+
     async def wait_task(self, task_id: str) -> Task:
         task = self.tasks[task_id]
         await task.done.wait()
@@ -140,6 +147,10 @@ class JobManager:
             task.state = "failed"
             detail = str(exc)
             logger.warning("task %s failed: %s", task.task_id, exc)
+        except Exception as exc:  # the per-task error boundary: a task never takes the worker down
+            task.state = "failed"
+            detail = f"{type(exc).__name__}: {exc}"
+            logger.error("task %s crashed", task.task_id, exc_info=True)
         finally:
             with trio.CancelScope(shield=True):
                 shutil.rmtree(task.work_dir, ignore_errors=True)
@@ -150,8 +161,10 @@ class JobManager:
     async def _execute(self, task: Task) -> tuple[int, str]:
         if task.executor.runtime == "aggregate":
             from hypha.worker.executors.aggregate import run_aggregate
+            from hypha.worker.transfers import Transfers
 
-            await run_aggregate(self._node, task, self.services)
+            services = self.services if isinstance(self.services, Transfers) else None
+            await run_aggregate(self._node, task, services)
             return 0, ""
         from hypha.bridge.server import serve_bridge
         from hypha.worker.backend import TaskBackend
@@ -167,6 +180,7 @@ class JobManager:
                 job_json=task.job_path,
                 task_id=task.task_id,
                 kill_grace_seconds=self._config.kill_grace_seconds,
+                extra_env={"HYPHA_THROTTLE": str(self._config.throttle)} if self._config.throttle != 1.0 else None,
             )
             nursery.cancel_scope.cancel()
         if result.exit_code != 0:

@@ -14,12 +14,14 @@ from pathlib import Path
 import trio
 
 from hypha.config.schema import WorkerConfig
+from hypha.net.bulk import BulkService
 from hypha.net.host import Node
 from hypha.net.runner import run_node, settings_from_config
 from hypha.resources import Resources
 from hypha.worker.arbiter import Arbiter
 from hypha.worker.jobs import JobManager
 from hypha.worker.leases import WorkerLeases
+from hypha.worker.transfers import Transfers
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,13 @@ class Worker:
             batch_window_seconds=config.batch_window_seconds,
         )
         self.jobs = JobManager(node, self.leases, config)
+        self.bulk = BulkService(node)
+        self.transfers = Transfers(node, self.bulk, config, self.jobs)
+        self.jobs.services = self.transfers
 
     async def start(self, nursery: trio.Nursery) -> Mapping[str, object]:
+        await nursery.start(self.bulk.run)
+        await nursery.start(self.transfers.run)
         await nursery.start(self.leases.run)
         await nursery.start(self.jobs.run)
         await nursery.start(self.arbiter.run)

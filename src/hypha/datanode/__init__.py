@@ -1,0 +1,1 @@
+"""Data node role."""

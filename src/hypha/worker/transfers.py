@@ -1,0 +1,268 @@
+"""The worker's data plane: slices, weights and files in and out of its tasks.
+
+Owns what a task's bridge fetch and send turn into on the network: asking the scheduler for
+the next slice and pulling it (through the slice cache, failing over between data nodes),
+asking the parameter server for the current weights, pushing files to peers over the bulk
+path, and receiving pushes for local tasks (routed by job: updates to the job's aggregator,
+weights and files to its trainer), which land in that task's inbox only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import urllib.parse
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from hypha.data.cache import SliceCache, SliceRef
+from hypha.errors import DataError, HyphaError, JobError, TransferError
+from hypha.net.bulk import BulkService
+from hypha.net.host import Node
+from hypha.protocol import bridge as b
+from hypha.protocol import codec
+from hypha.protocol import messages as m
+from hypha.protocol.tasks import TrainTask
+
+if TYPE_CHECKING:
+    from hypha.config.schema import WorkerConfig
+    from hypha.worker.executors.aggregate import ParameterServer
+    from hypha.worker.jobs import JobManager, Task
+
+logger = logging.getLogger(__name__)
+
+UpdateSink = Callable[[m.TensorOffer, str, Path], Awaitable[None]]
+"""``async def sink(offer, sender, path)``: an aggregator takes a received update."""
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+class Transfers:
+    """Implements ``worker.backend.TaskServices`` and serves incoming pushes."""
+
+    def __init__(self, node: Node, bulk: BulkService, config: WorkerConfig, jobs: JobManager) -> None:
+        self._node = node
+        self._bulk = bulk
+        self._config = config
+        self._jobs = jobs
+        self._providers: dict[tuple[str, int], list[str]] = {}
+        self.cache = SliceCache(
+            config.work_dir / "cache", config.cache_slices, self._fetch_slice, prefetch_depth=config.prefetch_depth
+        )
+        self.aggregators: dict[str, UpdateSink] = {}
+        self.parameter_servers: dict[str, ParameterServer] = {}
+        node.rpc.register(m.TensorPushRequest, self._on_push)
+        node.rpc.register(m.WeightsRequest, self._on_weights_request, roles={"worker", "scheduler"})
+        node.rpc.register(m.RoundPlan, self._on_round_plan, roles={"scheduler"})
+        node.rpc.register(m.JobFinished, self._on_job_finished, roles={"scheduler"})
+
+    def _server(self, job_id: str) -> ParameterServer:
+        server = self.parameter_servers.get(job_id)
+        if server is None:
+            raise JobError(f"no parameter server of job {job_id} on this worker")
+        return server
+
+    async def _on_weights_request(self, peer: str, request: m.WeightsRequest) -> m.TensorOffer:
+        return await self._server(request.job_id).on_weights_request(peer, request)
+
+    async def _on_round_plan(self, peer: str, plan: m.RoundPlan) -> m.Ack:
+        await self._server(plan.job_id).on_plan(plan)
+        return m.Ack()
+
+    async def _on_job_finished(self, peer: str, request: m.JobFinished) -> m.Ack:
+        await self._server(request.job_id).on_finished()
+        return m.Ack()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.cache.run)
+            task_status.started()
+
+    # --- fetch ------------------------------------------------------------------------
+
+    async def fetch(self, task: Task, ref: b.Reference, work_dir: Path) -> list[b.FetchedFile]:
+        if isinstance(ref, b.SliceRef):
+            return [await self._fetch_assigned_slice(task, ref.dataset, work_dir)]
+        if isinstance(ref, b.WeightsRef):
+            return [await self._fetch_weights(task, ref.round, work_dir)]
+        if isinstance(ref, b.UriRef):
+            return [await self._fetch_uri(ref.uri, work_dir)]
+        raise DataError(f"{type(ref).__name__} references are not served by this worker")
+
+    def _train_doc(self, task: Task) -> TrainTask:
+        try:
+            return codec.decode_json(task.config, TrainTask)
+        except codec.ProtocolError as exc:
+            raise JobError(f"task {task.task_id} has no training document: {exc}") from exc
+
+    async def _fetch_assigned_slice(self, task: Task, dataset: str | None, work_dir: Path) -> b.FetchedFile:
+        name = dataset or self._train_doc(task).dataset
+        reply = await self._node.request(task.scheduler, m.NextSliceRequest(job_id=task.job_id, dataset=name), m.Msg)
+        if isinstance(reply, m.NoSlice):
+            raise DataError(f"no slice available right now: {reply.reason}")
+        assign = codec.expect(reply, m.SliceAssign)
+        for hint in assign.upcoming:
+            self._providers[(assign.dataset, hint.index)] = list(assign.providers)
+        self._providers[(assign.dataset, assign.index)] = list(assign.providers)
+        ref = SliceRef(dataset=assign.dataset, index=assign.index, sha256=assign.sha256)
+        self.cache.prefetch([SliceRef(dataset=assign.dataset, index=h.index, sha256=h.sha256) for h in assign.upcoming])
+        rel = Path("slices") / f"{assign.dataset}-{assign.index:05d}.safetensors"
+        async with self.cache.open(ref) as cached:
+            await trio.to_thread.run_sync(_link_or_copy, cached, work_dir / rel)
+        size = (work_dir / rel).stat().st_size
+        return b.FetchedFile(
+            path=str(rel), size=size, sha256=assign.sha256, index=assign.index, dataset=assign.dataset, epoch=assign.epoch
+        )
+
+    async def _fetch_slice(self, ref: SliceRef, dest: Path) -> None:
+        """The cache's fetcher: try every provider, with backoff between rounds."""
+        providers = self._providers.get(ref.key, [])
+        if not providers:
+            raise TransferError(f"no known provider of {ref.dataset} slice {ref.index}")
+        errors: list[str] = []
+        delay = 0.1
+        for _round in range(3):
+            for provider in providers:
+                try:
+                    offer = await self._node.request(
+                        provider, m.SliceRequest(dataset=ref.dataset, index=ref.index), m.TensorOffer
+                    )
+                    if offer.sha256 != ref.sha256:
+                        raise TransferError(f"{provider} offers slice {ref.index} with another sha256")
+                    await self._bulk.pull(offer, provider, dest, attempts=2)
+                    return
+                except (HyphaError, trio.TooSlowError) as exc:
+                    errors.append(f"{provider[-8:]}: {exc}")
+                    logger.warning("slice %s/%d from %s failed: %s", ref.dataset, ref.index, provider, exc)
+            await trio.sleep(delay)
+            delay *= 2
+        raise TransferError(f"slice {ref.dataset}/{ref.index} could not be fetched: " + "; ".join(errors[-4:]))
+
+    async def _fetch_weights(self, task: Task, round_: int | None, work_dir: Path) -> b.FetchedFile:
+        doc = self._train_doc(task)
+        if not doc.parameter_server:
+            raise JobError("the job names no parameter server")
+        offer = await self._node.request(
+            doc.parameter_server, m.WeightsRequest(job_id=task.job_id, round=round_), m.TensorOffer
+        )
+        rel = Path("weights") / f"global-{offer.round:05d}.safetensors"
+        await self._bulk.pull(offer, doc.parameter_server, work_dir / rel)
+        return b.FetchedFile(path=str(rel), size=offer.size, sha256=offer.sha256)
+
+    async def _fetch_uri(self, uri: str, work_dir: Path) -> b.FetchedFile:
+        if not any(uri.startswith(prefix) for prefix in self._config.uri_allow):
+            raise DataError(f"URI {uri} is not on this worker's allow-list (uri_allow)")
+        parsed = urllib.parse.urlparse(uri)
+        name = Path(parsed.path).name or "download"
+        rel = Path("downloads") / name
+        dest = work_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def download() -> None:
+            with urllib.request.urlopen(uri, timeout=30) as response, dest.open("wb") as out:  # noqa: S310
+                shutil.copyfileobj(response, out, 1 << 20)
+
+        try:
+            await trio.to_thread.run_sync(download)
+        except OSError as exc:
+            raise TransferError(f"cannot fetch {uri}: {exc}") from exc
+        from hypha.data.manifest import sha256_file
+
+        return b.FetchedFile(path=str(rel), size=dest.stat().st_size, sha256=await trio.to_thread.run_sync(sha256_file, dest))
+
+    # --- send -------------------------------------------------------------------------
+
+    async def send(self, task: Task, request: b.SendRequest, path: Path) -> list[str]:
+        if request.target == "parameter_server":
+            peers = [self._train_doc(task).parameter_server]
+        elif request.target == "peers":
+            peers = list(request.peers)
+        else:
+            raise DataError("target 'trainers' is only for the parameter server")
+        return await self.push(
+            path,
+            peers,
+            purpose=request.purpose,
+            job_id=task.job_id,
+            round_=request.round,
+            samples=request.samples,
+            encoding=request.encoding,
+        )
+
+    async def push(
+        self,
+        path: Path,
+        peers: list[str],
+        *,
+        purpose: m.Purpose,
+        job_id: str,
+        round_: int = 0,
+        samples: int = 0,
+        encoding: m.Encoding = "fp32",
+        name: str = "",
+    ) -> list[str]:
+        """Offer ``path`` to each peer and wait until each confirmed storing it."""
+        delivered: list[str] = []
+        errors: list[str] = []
+        sha: str | None = None
+        for peer in peers:
+            offer = await self._bulk.offer(
+                path, receiver=peer, purpose=purpose, name=name or path.name, job_id=job_id,
+                round=round_, samples=samples, encoding=encoding, sha256=sha,
+            )
+            sha = offer.sha256
+            try:
+                done = await self._node.request(peer, m.TensorPushRequest(offer=offer), m.TransferDone)
+            except HyphaError as exc:
+                errors.append(f"{peer}: {exc}")
+                continue
+            finally:
+                self._bulk.withdraw(offer.transfer_id)
+            if done.ok:
+                delivered.append(peer)
+            else:
+                errors.append(f"{peer}: {done.detail}")
+        if errors and not delivered:
+            raise TransferError("; ".join(errors))
+        for error in errors:
+            logger.warning("push of %s failed: %s", path.name, error)
+        return delivered
+
+    # --- receive ----------------------------------------------------------------------
+
+    async def _on_push(self, peer: str, request: m.TensorPushRequest) -> m.TransferDone:
+        offer = request.offer
+        if offer.purpose == "update":
+            sink = self.aggregators.get(offer.job_id)
+            if sink is None:
+                return m.TransferDone(transfer_id=offer.transfer_id, ok=False, detail="no aggregator for this job")
+            dest = self._config.work_dir / "incoming" / f"{offer.transfer_id}.safetensors"
+            await self._bulk.pull(offer, peer, dest)
+            await sink(offer, peer, dest)
+            return m.TransferDone(transfer_id=offer.transfer_id, ok=True)
+        task = self._jobs.task_for_job(offer.job_id, "train")
+        if task is None:
+            return m.TransferDone(transfer_id=offer.transfer_id, ok=False, detail="no task of this job here")
+        rel = Path("incoming") / f"{offer.purpose}-{offer.round:05d}-{offer.transfer_id[:8]}.safetensors"
+        await self._bulk.pull(offer, peer, task.work_dir / rel)
+        task.inbox.deliver(
+            b.ReceivedFile(
+                path=str(rel), size=offer.size, sha256=offer.sha256, from_peer=peer,
+                purpose=offer.purpose, round=offer.round, samples=offer.samples,
+            )
+        )
+        return m.TransferDone(transfer_id=offer.transfer_id, ok=True)

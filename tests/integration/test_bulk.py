@@ -1,0 +1,244 @@
+"""Bulk transfers between real nodes on 127.0.0.1: direct TLS, stream and relay fallbacks, refusals."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+
+from hypha.errors import TransferError
+from hypha.net.bulk import BulkService
+from hypha.net.host import Node, NodeSettings, open_node
+from hypha.pki.verify import TlsFiles, bulk_ssl_context
+from hypha.protocol import codec
+from hypha.protocol import messages as m
+from hypha.testing.cluster import Pki, open_test_node, wait_until
+
+SIZE = 3 * 1024 * 1024 + 12345  # not a multiple of the 4 MiB chunk or of a TLS record
+
+
+@asynccontextmanager
+async def serving(node: Node) -> AsyncIterator[BulkService]:
+    bulk = BulkService(node, backoff_seconds=0.01, idle_timeout_seconds=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bulk.run)
+        yield bulk
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> Path:
+    path = tmp_path / "src" / "update.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(os.urandom(SIZE))
+    return path
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.endswith(".part")]
+
+
+async def settle(predicate) -> None:
+    with trio.fail_after(5):
+        await wait_until(predicate)
+
+
+async def test_direct_transfer_is_checked_and_token_used_once(pki: Pki, payload: Path, tmp_path: Path) -> None:
+    async with (
+        open_test_node(pki, "a", "worker") as a,
+        open_test_node(pki, "b", "worker") as b,
+        serving(a) as sender,
+        serving(b) as receiver,
+    ):
+        offer = await sender.offer(payload, receiver=b.peer_id, purpose="update", job_id="j", round=3)
+        assert offer.size == SIZE
+        assert offer.address == sender.address
+        assert offer.address is not None
+        dest = tmp_path / "in" / "nested" / "got.safetensors"
+        with trio.fail_after(20):
+            assert await receiver.pull(offer, a.peer_id, dest) == dest
+        assert dest.read_bytes() == payload.read_bytes()
+        stats = receiver.statistics()
+        assert (stats.num_direct, stats.num_relayed, stats.bytes_received) == (1, 0, SIZE)
+        await settle(lambda: sender.statistics().num_direct == 1)
+        assert sender.statistics().bytes_sent == SIZE
+        assert sender.statistics().num_pending == 0
+        # The token was consumed by the confirmed transfer: a replay is refused, without retries.
+        with pytest.raises(TransferError, match="unknown"):
+            await receiver.pull(offer, a.peer_id, tmp_path / "in" / "again.bin")
+        assert receiver.statistics().num_retries == 0
+        assert receiver.statistics().num_failed == 1
+        assert leftovers(dest.parent) == []
+        assert not (tmp_path / "in" / "again.bin").exists()
+
+
+@pytest.mark.parametrize("channel", ["direct", "stream"])
+async def test_unknown_token_is_refused(pki: Pki, payload: Path, tmp_path: Path, channel: str) -> None:
+    async with (
+        open_test_node(pki, "a", "worker") as a,
+        open_test_node(pki, "b", "worker") as b,
+        serving(a) as sender,
+        serving(b) as receiver,
+    ):
+        offer = await sender.offer(payload, receiver=b.peer_id, purpose="weights")
+        if channel == "stream":
+            offer = msgspec.structs.replace(offer, address=None)
+            await b.connect(a.listen_addrs()[0])
+        forged = msgspec.structs.replace(offer, token="0" * 32)
+        with pytest.raises(TransferError, match="unknown"):
+            await receiver.pull(forged, a.peer_id, tmp_path / "forged.bin")
+        await settle(lambda: sender.statistics().num_refused == 1)
+        assert not (tmp_path / "forged.bin").exists()
+        # The real token still works, over the same channel.
+        with trio.fail_after(20):
+            await receiver.pull(offer, a.peer_id, tmp_path / "real.bin")
+        assert (tmp_path / "real.bin").read_bytes() == payload.read_bytes()
+        stats = receiver.statistics()
+        assert (stats.num_direct, stats.num_relayed) == ((1, 0) if channel == "direct" else (0, 1))
+
+
+async def test_non_listening_sender_is_pulled_through_relay(pki: Pki, payload: Path, tmp_path: Path) -> None:
+    async with open_test_node(pki, "gw", "gateway", relay_hop=True) as gw:
+        addr = gw.listen_addrs()[0]
+        async with (
+            open_test_node(pki, "natted", "worker", gateways=[addr], listen=False, relay_circuit=True) as natted,
+            open_test_node(pki, "caller", "scheduler", gateways=[addr]) as caller,
+            serving(natted) as sender,
+            serving(caller) as receiver,
+        ):
+            assert sender.address is None
+            offer = await sender.offer(payload, receiver=caller.peer_id, purpose="update")
+            assert offer.address is None
+            with trio.fail_after(30):
+                await receiver.pull(offer, natted.peer_id, tmp_path / "relayed.bin")
+            assert (tmp_path / "relayed.bin").read_bytes() == payload.read_bytes()
+            stats = receiver.statistics()
+            assert (stats.num_direct, stats.num_relayed, stats.bytes_received) == (0, 1, SIZE)
+            await settle(lambda: sender.statistics().num_relayed == 1)
+
+
+def foreign_tls(pki: Pki, tmp_path: Path, name: str) -> TlsFiles:
+    """Credentials from another CA that nevertheless trust our CA (the worst case for us)."""
+    other = Pki.create(tmp_path / f"other-{name}").node(name, "worker")
+    return TlsFiles(cert=other.cert, key=other.key, trust=pki.root / "ca-cert.pem", crls=None)
+
+
+def raw_pull(files: TlsFiles, address: str, offer: m.TensorOffer) -> bytes:
+    """A hand-written client: TLS handshake, send the stolen token, read what comes back."""
+    host, _, port = address.rpartition(":")
+    ctx = bulk_ssl_context(files, server_side=False)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as tls:  # TLS 1.3: the server judges our certificate after this
+            tls.sendall(codec.encode_frame(m.StreamPullRequest(transfer_id=offer.transfer_id, token=offer.token)))
+            return tls.recv(1 << 16)
+
+
+async def test_intruder_from_another_ca_cannot_pull_over_direct_tls(
+    pki: Pki, payload: Path, tmp_path: Path
+) -> None:
+    intruder = foreign_tls(pki, tmp_path, "intruder")
+    async with (
+        open_test_node(pki, "a", "worker") as a,
+        open_test_node(pki, "b", "worker") as b,
+        serving(a) as sender,
+        serving(b) as receiver,
+    ):
+        offer = await sender.offer(payload, receiver=b.peer_id, purpose="update")
+        assert offer.address is not None
+        try:
+            reply = await trio.to_thread.run_sync(raw_pull, intruder, offer.address, offer)
+        except OSError:  # ssl.SSLError (alert: unknown CA) or a reset: the handshake was refused
+            reply = b""
+        assert reply == b""
+        await settle(lambda: sender.statistics().num_refused == 1)
+        assert sender.statistics().bytes_sent == 0
+        with trio.fail_after(20):
+            await receiver.pull(offer, a.peer_id, tmp_path / "ok.bin")
+        assert receiver.statistics().num_direct == 1
+
+
+@pytest.mark.parametrize("impostor", ["other_ca", "other_peer"])
+async def test_receiver_never_gives_its_token_to_an_impostor_listener(
+    pki: Pki, payload: Path, tmp_path: Path, impostor: str
+) -> None:
+    if impostor == "other_ca":
+        settings = NodeSettings(role="worker", tls=foreign_tls(pki, tmp_path, "impostor"))
+        opened = open_node(settings)
+    else:
+        opened = open_test_node(pki, "c", "worker")
+    async with (
+        open_test_node(pki, "a", "worker") as a,
+        open_test_node(pki, "b", "worker") as b,
+        opened as c,
+        serving(a) as sender,
+        serving(b) as receiver,
+        serving(c) as fake,
+    ):
+        offer = await sender.offer(payload, receiver=b.peer_id, purpose="update")
+        hijacked = msgspec.structs.replace(offer, address=fake.address)
+        await b.connect(a.listen_addrs()[0])
+        with trio.fail_after(20):
+            await receiver.pull(hijacked, a.peer_id, tmp_path / "got.bin", attempts=1)
+        # The direct channel was refused by the receiver; the stream to the real sender worked.
+        assert (tmp_path / "got.bin").read_bytes() == payload.read_bytes()
+        assert (receiver.statistics().num_direct, receiver.statistics().num_relayed) == (0, 1)
+        await settle(lambda: fake.statistics().num_refused == 1)
+
+
+async def test_peer_id_mismatch_is_refused(pki: Pki, payload: Path, tmp_path: Path) -> None:
+    async with (
+        open_test_node(pki, "a", "worker") as a,
+        open_test_node(pki, "b", "worker") as b,
+        open_test_node(pki, "c", "worker") as c,
+        serving(a) as sender,
+        serving(b) as receiver,
+        serving(c) as thief,
+    ):
+        offer = await sender.offer(payload, receiver=b.peer_id, purpose="update")
+        with pytest.raises(TransferError, match="another peer"):
+            await thief.pull(offer, a.peer_id, tmp_path / "stolen.bin")
+        assert (thief.statistics().num_failed, thief.statistics().num_retries) == (1, 0)
+        assert sender.statistics().num_refused == 1
+        assert not (tmp_path / "stolen.bin").exists()
+        with trio.fail_after(20):
+            await receiver.pull(offer, a.peer_id, tmp_path / "ok.bin")
+        assert (tmp_path / "ok.bin").read_bytes() == payload.read_bytes()
+
+
+async def test_changed_file_fails_after_retries_and_keeps_the_offer(
+    pki: Pki, payload: Path, tmp_path: Path
+) -> None:
+    async with (
+        open_test_node(pki, "a", "worker") as a,
+        open_test_node(pki, "b", "worker") as b,
+        serving(a) as sender,
+        serving(b) as receiver,
+    ):
+        offer = await sender.offer(payload, receiver=b.peer_id, purpose="update")
+        with payload.open("r+b") as f:  # same size, one byte flipped after the offer
+            f.seek(SIZE // 2)
+            byte = f.read(1)
+            f.seek(SIZE // 2)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        dest = tmp_path / "in" / "got.bin"
+        with trio.fail_after(20), pytest.raises(TransferError, match="sha256 mismatch"):
+            await receiver.pull(offer, a.peer_id, dest, attempts=3)
+        stats = receiver.statistics()
+        assert (stats.num_retries, stats.num_failed, stats.bytes_received) == (2, 1, 0)
+        assert not dest.exists()
+        assert leftovers(dest.parent) == []
+        # Unconfirmed transfers do not consume the token.
+        assert sender.statistics().num_pending == 1
+        assert sender.statistics().bytes_sent == 0
+        # A file whose size changed is refused outright.
+        with payload.open("ab") as f:
+            f.write(b"more")
+        with pytest.raises(TransferError, match="changed"):
+            await receiver.pull(offer, a.peer_id, dest, attempts=3)
+        assert receiver.statistics().num_retries == 2
