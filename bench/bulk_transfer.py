@@ -11,6 +11,14 @@ Every mode moves bytes from a sender process to this (receiver) process on 127.0
 - ``bulk_stream``: ``BulkService.pull`` forced onto the libp2p stream fallback (no relay).
 - ``relay``: ``BulkService.pull`` from a node that does not listen, through a gateway's relay
   (a third process).
+- ``tls_sha_file`` (largest size only): the TLS loop that also hashes and writes each 4 MiB
+  to a new file, in one thread: the bulk receiver's work without its protocol.
+
+Modes that write a new file start after a pause (``SETTLE_SECONDS``) and the order rotates
+per repetition: on this VM a file's cost depends on how recently memory was freed (see
+``SETTLE_SECONDS``), so every mode gets the same, cold, start. Reported per mode: the median
+MB/s and the CPU seconds per GiB of each side, plus the receiver's costs measured alone
+(sha256, writing a new file cold and warm, overwriting a cached one).
 
     python bench/bulk_transfer.py [--sizes-mib 256 1024] [--repeat 3] [--libp2p-mib 64] [--relay-mib 16]
 
@@ -20,6 +28,7 @@ Writes ``bench/results/bulk_transfer.json``; headline: bulk MB/s over tls_loop M
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +43,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +63,12 @@ STREAM_CHUNK = 1024 * 1024
 MIB = 1024 * 1024
 BENCH_PROTOCOL = "/hypha-bench/stream/1"
 WARMUP_MIB = 64
+SETTLE_SECONDS = 3.0
+"""Pause before each mode that writes a new file. This VM (Firecracker, free page reporting)
+hands freed guest memory back to the host about 2 s after it is freed; a file written right
+after another was deleted reuses warm pages and runs about 10x faster than one written later.
+The pause makes every such mode start cold, as a transfer after idle time would."""
+FILE_MODES = ("bulk", "tls_sha_file", "bulk_stream", "relay")
 
 
 def cpu_seconds() -> float:
@@ -212,22 +228,37 @@ class Child:
 # --- the receiver (this process) -------------------------------------------------------
 
 
-def socket_pull(port: int, size: int, ctx: ssl.SSLContext | None, info: dict[str, Any]) -> float:
-    """Connect, ask for ``size`` bytes, receive them; return seconds from connect to last byte."""
+def socket_pull(
+    port: int, size: int, ctx: ssl.SSLContext | None, info: dict[str, Any], dest: Path | None
+) -> float:
+    """Connect, ask for ``size`` bytes, receive them; return seconds from connect to last byte.
+
+    With ``dest``, each 4 MiB is also hashed and written to that new file (then removed).
+    """
     view = memoryview(bytearray(CHUNK))
+    digest = hashlib.sha256()
     start = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as raw:
         sock = ctx.wrap_socket(raw) if ctx is not None else raw
         if isinstance(sock, ssl.SSLSocket):
             info.update(tls_version=sock.version(), cipher=(sock.cipher() or ("?",))[0])
         sock.sendall(size.to_bytes(8, "big"))
-        remaining = size
-        while remaining > 0:
-            num = sock.recv_into(view, min(CHUNK, remaining))
-            if not num:
-                raise EOFError("sender closed early")
-            remaining -= num
+        with open(dest, "wb") if dest is not None else contextlib.nullcontext() as out:
+            remaining = size
+            while remaining > 0:
+                want = min(CHUNK, remaining)
+                num = sock.recv_into(view, want)
+                if out is not None:  # a whole chunk, then hash and write it
+                    while 0 < num < want and (got := sock.recv_into(view[num:want])):
+                        num += got
+                    digest.update(view[:num])
+                    out.write(view[:num])
+                if not num:
+                    raise EOFError("sender closed early")
+                remaining -= num
         elapsed = time.perf_counter() - start
+    if dest is not None:
+        dest.unlink()
     return elapsed
 
 
@@ -250,6 +281,8 @@ class Recorder:
     async def measure(
         self, mode: str, size_mib: int, sender: Child, fn: Callable[[], Awaitable[float | None]]
     ) -> float:
+        if mode in FILE_MODES:
+            await trio.sleep(SETTLE_SECONDS)
         sender_cpu, own_cpu = await sender.cpu(), cpu_seconds()
         start = time.perf_counter()
         inner = await fn()
@@ -277,16 +310,19 @@ def components(workdir: Path) -> list[dict[str, Any]]:
         digest.update(buf)
     rows.append(("sha256_in_memory", time.perf_counter() - start))
     path = workdir / "component.bin"
+    time.sleep(SETTLE_SECONDS)
+    for name, mode in (("write_new_file", "wb"), ("overwrite_cached_file", "r+b")):
+        start = time.perf_counter()
+        with open(path, mode) as f:
+            for _ in range(256):
+                f.write(buf)
+        rows.append((name, time.perf_counter() - start))
+    path.unlink()
     start = time.perf_counter()
     with open(path, "wb") as f:
         for _ in range(256):
             f.write(buf)
-    rows.append(("write_new_file", time.perf_counter() - start))
-    start = time.perf_counter()
-    with open(path, "r+b") as f:
-        for _ in range(256):
-            f.write(buf)
-    rows.append(("overwrite_cached_file", time.perf_counter() - start))
+    rows.append(("write_new_file_right_after_freeing_1gib", time.perf_counter() - start))
     path.unlink()
     return [
         {"name": name, "size_mib": 1024, "metric": "MB/s", "value": 1024 * MIB / 1e6 / secs}
@@ -321,7 +357,7 @@ async def run_receiver(args: argparse.Namespace) -> dict[str, Any]:
                 await nursery.start(bulk.run)
                 await node.connect(sender_info["addrs"][0])
                 result = await measure_all(
-                    args, root, node, bulk, pki, ports, sender, natted, sender_info, natted_info
+                    args, root, node, bulk, pki, ports, sender, natted, sockets, sender_info, natted_info
                 )
                 nursery.cancel_scope.cancel()
         finally:
@@ -341,6 +377,7 @@ async def measure_all(
     ports: dict[str, int],
     sender: Child,
     natted: Child,
+    sockets: Child,
     sender_info: dict[str, Any],
     natted_info: dict[str, Any],
 ) -> dict[str, Any]:
@@ -349,8 +386,11 @@ async def measure_all(
     rec = Recorder()
     dest = root / "dest.bin"
 
-    async def socket_mode(port: int, size_mib: int, ctx: ssl.SSLContext | None) -> float:
-        return await trio.to_thread.run_sync(socket_pull, port, size_mib * MIB, ctx, tls_info)
+    async def socket_mode(
+        port: int, size_mib: int, ctx: ssl.SSLContext | None, to_file: bool = False
+    ) -> float:
+        sink = root / "tls-dest.bin" if to_file else None
+        return await trio.to_thread.run_sync(socket_pull, port, size_mib * MIB, ctx, tls_info, sink)
 
     async def pull_mode(child: Child, peer: str, size_mib: int, direct: bool) -> float:
         """Ask ``child`` for an offer (not timed), then time ``BulkService.pull``."""
@@ -372,32 +412,30 @@ async def measure_all(
     await socket_mode(ports["tls_port"], WARMUP_MIB, client_ctx)
     await pull_mode(sender, sender_id, WARMUP_MIB, True)
     await stream_pull(node, sender_id, WARMUP_MIB * MIB)
+    libp2p_mib, relay_mib = args.libp2p_mib, args.relay_mib
     for rep in range(args.repeat):
         print(f"repetition {rep + 1} of {args.repeat}", flush=True)
-        for size_mib in args.sizes_mib:
-            await rec.measure(
-                "raw_tcp", size_mib, sender, lambda s=size_mib: socket_mode(ports["raw_port"], s, None)
-            )
-            await rec.measure(
-                "tls_loop", size_mib, sender, lambda s=size_mib: socket_mode(ports["tls_port"], s, client_ctx)
-            )
-            await rec.measure(
-                "bulk", size_mib, sender, lambda s=size_mib: pull_mode(sender, sender_id, s, True)
-            )
-        size_mib = args.libp2p_mib
-
-        async def libp2p() -> None:
-            await stream_pull(node, sender_id, size_mib * MIB)
-
-        await rec.measure("libp2p_stream", size_mib, sender, libp2p)
-        await rec.measure(
-            "bulk_stream", size_mib, sender, lambda: pull_mode(sender, sender_id, size_mib, False)
-        )
+        for size in args.sizes_mib:
+            raw_port, tls_port = ports["raw_port"], ports["tls_port"]
+            modes = [
+                ("raw_tcp", sockets, partial(socket_mode, raw_port, size, None)),
+                ("tls_loop", sockets, partial(socket_mode, tls_port, size, client_ctx)),
+                ("bulk", sender, partial(pull_mode, sender, sender_id, size, True)),
+            ]
+            if size == max(args.sizes_mib):
+                modes.append(
+                    ("tls_sha_file", sockets, partial(socket_mode, tls_port, size, client_ctx, True))
+                )
+            shift = rep % len(modes)
+            for mode, child, fn in modes[shift:] + modes[:shift]:
+                await rec.measure(mode, size, child, fn)
+        libp2p = partial(stream_pull, node, sender_id, libp2p_mib * MIB)
+        await rec.measure("libp2p_stream", libp2p_mib, sender, libp2p)
+        bulk_stream = partial(pull_mode, sender, sender_id, libp2p_mib, False)
+        await rec.measure("bulk_stream", libp2p_mib, sender, bulk_stream)
         if rep < args.relay_repeat:
-            relay_mib = args.relay_mib
-            await rec.measure(
-                "relay", relay_mib, natted, lambda: pull_mode(natted, natted_id, relay_mib, False)
-            )
+            relay = partial(pull_mode, natted, natted_id, relay_mib, False)
+            await rec.measure("relay", relay_mib, natted, relay)
     return summarize(args, rec, tls_info)
 
 
@@ -430,6 +468,12 @@ def summarize(args: argparse.Namespace, rec: Recorder, tls_info: dict[str, Any])
             "metric": "ratio",
             "value": tls_big / rec.median("raw_tcp", big),
         },
+        {
+            "name": "bulk_over_tls_sha_file",
+            "size_mib": big,
+            "metric": "ratio",
+            "value": bulk_big / rec.median("tls_sha_file", big),
+        },
         {"name": "bulk_over_libp2p_stream", "size_mib": big, "metric": "ratio", "value": bulk_big / libp2p},
         {
             "name": "bulk_over_relay",
@@ -447,13 +491,14 @@ def summarize(args: argparse.Namespace, rec: Recorder, tls_info: dict[str, Any])
             "relay_mib": args.relay_mib,
             "repeat": args.repeat,
             "relay_repeat": min(args.relay_repeat, args.repeat),
-            "statistic": "median",
-            "processes": "sender child process -> receiver (this process), 127.0.0.1; relay: + gateway process",
+            "statistic": "median; the order of modes rotates per repetition",
+            "processes": "a sender child process -> this receiver process on 127.0.0.1 (relay: + gateway)",
             "socket_writes_bytes": CHUNK,
             "libp2p_stream_writes_bytes": STREAM_CHUNK,
             "tls": f"{tls_info.get('tls_version')} {tls_info.get('cipher')}, mutual, bulk_ssl_context",
             "libp2p": "py-libp2p, TLS 1.3 (Hypha admission) + Yamux, one connection",
             "bulk_receiver": "new file via temp + os.replace, sha256 checked, sockets with 30 s timeouts",
+            "settle_seconds_before_file_modes": SETTLE_SECONDS,
             "openssl": ssl.OPENSSL_VERSION,
             "python": platform.python_version(),
         },
@@ -471,9 +516,8 @@ def summarize(args: argparse.Namespace, rec: Recorder, tls_info: dict[str, Any])
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print(
-        f"\n{'mode':<16} {'MiB':>5} {'MB/s':>9} {'vs TLS':>7} {'vs raw':>7} {'rx cpu/GiB':>11} {'tx cpu/GiB':>11}"
-    )
+    head = f"{'mode':<16} {'MiB':>5} {'MB/s':>9} {'vs TLS':>7} {'vs raw':>7}"
+    print(f"\n{head} {'rx cpu/GiB':>11} {'tx cpu/GiB':>11}")
     for row in summary["results"]:
         if row["metric"] != "MB/s" or "samples" not in row:
             continue
@@ -486,11 +530,11 @@ def print_table(summary: dict[str, Any]) -> None:
     print("\nreceiver-side components (1 GiB, no network):")
     for row in summary["results"]:
         if row["metric"] == "MB/s" and "samples" not in row:
-            print(f"  {row['name']:<24} {row['value']:>9.1f} MB/s")
+            print(f"  {row['name']:<40} {row['value']:>9.1f} MB/s")
     print("\nratios:")
     for row in summary["results"]:
         if row["metric"] == "ratio":
-            print(f"  {row['name']:<24} {row['value']:>9.2f}")
+            print(f"  {row['name']:<40} {row['value']:>9.2f}")
     head = summary["headline"]
     print(f"\nheadline: bulk / TLS loop = {head['ratio']:.2f} (goal >= {head['goal']})")
 

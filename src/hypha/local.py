@@ -39,13 +39,31 @@ DEMO_JOB: dict[str, Any] = {
     "sync_horizon_seconds": 1.0,
     "round_deadline_seconds": 60.0,
     "eval_batches": 4,
-    "model": {"kind": "builtin", "name": "gpt", "options": {"dim": 64, "num_layers": 2, "num_heads": 4, "seq_len": 64}},
+    "model": {
+        "kind": "builtin",
+        "name": "gpt",
+        "options": {"dim": 64, "num_layers": 2, "num_heads": 4, "seq_len": 64},
+    },
     "inner": {"lr": 3e-3, "warmup_steps": 10, "weight_decay": 0.0, "schedule": "cosine"},
     "outer": {"lr": 0.7, "momentum": 0.9},
-    "trainers": {"executor": "diloco", "min": 1, "target": 3, "grace_seconds": 60.0, "bid": 1.0, "max_price": 5.0,
-                 "resources": {"cpu": 1.0, "memory": 1.0}},
-    "parameter_server": {"executor": "parameter-server", "min": 1, "target": 1, "grace_seconds": 60.0,
-                         "bid": 1.0, "max_price": 5.0, "resources": {"cpu": 1.0, "memory": 1.0}},
+    "trainers": {
+        "executor": "diloco",
+        "min": 1,
+        "target": 3,
+        "grace_seconds": 60.0,
+        "bid": 1.0,
+        "max_price": 5.0,
+        "resources": {"cpu": 1.0, "memory": 1.0},
+    },
+    "parameter_server": {
+        "executor": "parameter-server",
+        "min": 1,
+        "target": 1,
+        "grace_seconds": 60.0,
+        "bid": 1.0,
+        "max_price": 5.0,
+        "resources": {"cpu": 1.0, "memory": 1.0},
+    },
 }
 
 
@@ -74,7 +92,9 @@ def ensure_dataset(dataset_dir: Path, progress: Callable[[int, int], None] | Non
         return
     except Exception:  # missing or broken: (re)prepare it
         pass
-    prepare_builtin(dataset_dir, name="stdlib-text", max_samples=16384, seq_len=64, slice_samples=512, progress=progress)
+    prepare_builtin(
+        dataset_dir, name="stdlib-text", max_samples=16384, seq_len=64, slice_samples=512, progress=progress
+    )
 
 
 def make_plan(root: Path, job_path: Path | None, num_trainers: int, rounds: int | None) -> LocalPlan:
@@ -88,8 +108,13 @@ def make_plan(root: Path, job_path: Path | None, num_trainers: int, rounds: int 
     job = load_job(job_path)
     if job.output_dir is None:
         job = JobSpec(**{**job.__dict__, "output_dir": Path("runs") / job.name})
-    return LocalPlan(root=root, job_path=job_path, job=job, dataset_dir=root / "datasets" / job.dataset,
-                     num_trainers=job.trainers.target)
+    return LocalPlan(
+        root=root,
+        job_path=job_path,
+        job=job,
+        dataset_dir=root / "datasets" / job.dataset,
+        num_trainers=job.trainers.target,
+    )
 
 
 def write_configs(plan: LocalPlan) -> dict[str, Path]:
@@ -102,28 +127,43 @@ def write_configs(plan: LocalPlan) -> dict[str, Path]:
     pki = Pki.create(net / "pki", org="Hypha local")
     configs: dict[str, Path] = {}
     configs["gateway"] = write_toml(
-        net / "gateway.toml", {**pki.config_keys(pki.node("gateway", "gateway")), "listen_addresses": ["/ip4/127.0.0.1/tcp/0"]}
+        net / "gateway.toml",
+        {**pki.config_keys(pki.node("gateway", "gateway")), "listen_addresses": ["/ip4/127.0.0.1/tcp/0"]},
     )
     configs["data"] = write_toml(
-        net / "data.toml", {**pki.config_keys(pki.node("data", "data")), "dataset_path": [str(plan.dataset_dir)]}
+        net / "data.toml",
+        {**pki.config_keys(pki.node("data", "data")), "dataset_path": [str(plan.dataset_dir)]},
     )
     configs["scheduler"] = write_toml(
         net / "scheduler.toml",
-        {**pki.config_keys(pki.node("scheduler", "scheduler")), "lease_seconds": 10.0, "offer_deadline_seconds": 1.5,
-         "state_dir": str(net / "state")},
+        {
+            **pki.config_keys(pki.node("scheduler", "scheduler")),
+            "lease_seconds": 10.0,
+            "offer_deadline_seconds": 1.5,
+            "state_dir": str(net / "state"),
+        },
     )
     executors = [
-        {"class": "train", "name": plan.job.trainers.executor, "runtime": "process", "cmd": sys.executable,
-         "args": ["-m", "hypha.training.trainer"]},
+        {
+            "class": "train",
+            "name": plan.job.trainers.executor,
+            "runtime": "process",
+            "cmd": sys.executable,
+            "args": ["-m", "hypha.training.trainer"],
+        },
         {"class": "aggregate", "name": plan.job.parameter_server.executor, "runtime": "aggregate"},
     ]
     for i in range(plan.num_trainers + 1):
         name = f"worker{i}"
         configs[name] = write_toml(
             net / f"{name}.toml",
-            {**pki.config_keys(pki.node(name, "worker")), "work_dir": str(net / "work" / name),
-             "resources": {"cpu": 1.0, "memory": 2.0}, "offer": {"price": 1.0 + 0.1 * i, "floor": 0.1},
-             "executors": executors},
+            {
+                **pki.config_keys(pki.node(name, "worker")),
+                "work_dir": str(net / "work" / name),
+                "resources": {"cpu": 1.0, "memory": 2.0},
+                "offer": {"price": 1.0 + 0.1 * i, "floor": 0.1},
+                "executors": executors,
+            },
         )
     return configs
 
@@ -138,13 +178,21 @@ async def start_processes(plan: LocalPlan, configs: dict[str, Path]) -> AsyncIte
     logs = plan.root / "network" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
-        gw = await stack.enter_async_context(spawn_node(["gateway", "--config", str(configs["gateway"])], logs, "gateway"))
-        await stack.enter_async_context(spawn_node(["data", *_with_gateway(configs["data"], gw.address)], logs, "data"))
+        gw = await stack.enter_async_context(
+            spawn_node(["gateway", "--config", str(configs["gateway"])], logs, "gateway")
+        )
+        await stack.enter_async_context(
+            spawn_node(["data", *_with_gateway(configs["data"], gw.address)], logs, "data")
+        )
         for name in sorted(k for k in configs if k.startswith("worker")):
-            await stack.enter_async_context(spawn_node(["worker", *_with_gateway(configs[name], gw.address)], logs, name))
+            await stack.enter_async_context(
+                spawn_node(["worker", *_with_gateway(configs[name], gw.address)], logs, name)
+            )
         scheduler = await stack.enter_async_context(
             spawn_node(
-                ["scheduler", "--job", str(plan.job_path), *_with_gateway(configs["scheduler"], gw.address)], logs, "scheduler"
+                ["scheduler", "--job", str(plan.job_path), *_with_gateway(configs["scheduler"], gw.address)],
+                logs,
+                "scheduler",
             )
         )
         yield scheduler.process

@@ -71,7 +71,8 @@ async def test_killed_worker_is_detected_and_replaced(pki: Pki, tmp_path: Path) 
                     if event.kind == "lost":
                         lost = event
                         break
-            assert lost is not None and lost.worker == victim.peer_id
+            assert lost is not None
+            assert lost.worker == victim.peer_id
             with trio.fail_after(30):
                 await wait_until(lambda: len(pool.members) == 2 and victim.peer_id not in pool.members)
             spare = (set(children) - first).pop()

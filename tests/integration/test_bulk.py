@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -15,12 +17,13 @@ import trio
 from hypha.errors import TransferError
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node, NodeSettings, open_node
-from hypha.pki.verify import TlsFiles, bulk_ssl_context
+from hypha.pki.ca import load_certificate
+from hypha.pki.verify import CertificateVerifier, TlsFiles, bulk_ssl_context
 from hypha.protocol import codec
 from hypha.protocol import messages as m
 from hypha.testing.cluster import Pki, open_test_node, wait_until
 
-SIZE = 3 * 1024 * 1024 + 12345  # not a multiple of the 4 MiB chunk or of a TLS record
+SIZE = 9 * 1024 * 1024 + 12345  # three 4 MiB chunks, the last partial, not a TLS record multiple
 
 
 @asynccontextmanager
@@ -44,12 +47,14 @@ def leftovers(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if p.name.endswith(".part")]
 
 
-async def settle(predicate) -> None:
+async def settle(predicate: Callable[[], bool]) -> None:
     with trio.fail_after(5):
         await wait_until(predicate)
 
 
-async def test_direct_transfer_is_checked_and_token_used_once(pki: Pki, payload: Path, tmp_path: Path) -> None:
+async def test_direct_transfer_is_checked_and_token_used_once(
+    pki: Pki, payload: Path, tmp_path: Path
+) -> None:
     async with (
         open_test_node(pki, "a", "worker") as a,
         open_test_node(pki, "b", "worker") as b,
@@ -103,11 +108,15 @@ async def test_unknown_token_is_refused(pki: Pki, payload: Path, tmp_path: Path,
         assert (stats.num_direct, stats.num_relayed) == ((1, 0) if channel == "direct" else (0, 1))
 
 
-async def test_non_listening_sender_is_pulled_through_relay(pki: Pki, payload: Path, tmp_path: Path) -> None:
+async def test_non_listening_sender_is_pulled_through_relay(pki: Pki, tmp_path: Path) -> None:
+    payload = tmp_path / "small.bin"  # the relay moves about 7 MB/s
+    payload.write_bytes(os.urandom(1024 * 1024 + 7))
     async with open_test_node(pki, "gw", "gateway", relay_hop=True) as gw:
         addr = gw.listen_addrs()[0]
         async with (
-            open_test_node(pki, "natted", "worker", gateways=[addr], listen=False, relay_circuit=True) as natted,
+            open_test_node(
+                pki, "natted", "worker", gateways=[addr], listen=False, relay_circuit=True
+            ) as natted,
             open_test_node(pki, "caller", "scheduler", gateways=[addr]) as caller,
             serving(natted) as sender,
             serving(caller) as receiver,
@@ -119,8 +128,33 @@ async def test_non_listening_sender_is_pulled_through_relay(pki: Pki, payload: P
                 await receiver.pull(offer, natted.peer_id, tmp_path / "relayed.bin")
             assert (tmp_path / "relayed.bin").read_bytes() == payload.read_bytes()
             stats = receiver.statistics()
-            assert (stats.num_direct, stats.num_relayed, stats.bytes_received) == (0, 1, SIZE)
+            assert (stats.num_direct, stats.num_relayed, stats.bytes_received) == (0, 1, 1024 * 1024 + 7)
             await settle(lambda: sender.statistics().num_relayed == 1)
+
+
+async def test_empty_file_on_both_channels_and_withdrawn_offer(pki: Pki, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    async with (
+        open_test_node(pki, "a", "worker") as a,
+        open_test_node(pki, "b", "worker") as b,
+        serving(a) as sender,
+        serving(b) as receiver,
+    ):
+        await b.connect(a.listen_addrs()[0])
+        for name, direct in (("direct.bin", True), ("stream.bin", False)):
+            offer = await sender.offer(empty, receiver=b.peer_id, purpose="file")
+            if not direct:
+                offer = msgspec.structs.replace(offer, address=None)
+            with trio.fail_after(20):
+                await receiver.pull(offer, a.peer_id, tmp_path / name)
+            assert (tmp_path / name).read_bytes() == b""
+        assert (receiver.statistics().num_direct, receiver.statistics().num_relayed) == (1, 1)
+        offer = await sender.offer(empty, receiver=b.peer_id, purpose="file")
+        assert sender.withdraw(offer.transfer_id)
+        assert not sender.withdraw(offer.transfer_id)
+        with pytest.raises(TransferError, match="unknown"):
+            await receiver.pull(offer, a.peer_id, tmp_path / "withdrawn.bin")
 
 
 def foreign_tls(pki: Pki, tmp_path: Path, name: str) -> TlsFiles:
@@ -133,10 +167,11 @@ def raw_pull(files: TlsFiles, address: str, offer: m.TensorOffer) -> bytes:
     """A hand-written client: TLS handshake, send the stolen token, read what comes back."""
     host, _, port = address.rpartition(":")
     ctx = bulk_ssl_context(files, server_side=False)
-    with socket.create_connection((host, int(port)), timeout=10) as raw:
-        with ctx.wrap_socket(raw) as tls:  # TLS 1.3: the server judges our certificate after this
-            tls.sendall(codec.encode_frame(m.StreamPullRequest(transfer_id=offer.transfer_id, token=offer.token)))
-            return tls.recv(1 << 16)
+    request = codec.encode_frame(m.StreamPullRequest(transfer_id=offer.transfer_id, token=offer.token))
+    # TLS 1.3: the client's handshake ends before the server has judged its certificate.
+    with socket.create_connection((host, int(port)), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+        tls.sendall(request)
+        return tls.recv(1 << 16)
 
 
 async def test_intruder_from_another_ca_cannot_pull_over_direct_tls(
@@ -242,3 +277,51 @@ async def test_changed_file_fails_after_retries_and_keeps_the_offer(
         with pytest.raises(TransferError, match="changed"):
             await receiver.pull(offer, a.peer_id, dest, attempts=3)
         assert receiver.statistics().num_retries == 2
+
+
+async def test_cancelled_pull_stops_its_threads_and_leaves_nothing(pki: Pki, tmp_path: Path) -> None:
+    """A sender that stalls after the go frame: cancelling the pull unblocks the thread."""
+    stall = pki.node("stall", "worker")
+    stall_id = CertificateVerifier(stall.trust).verify(load_certificate(stall.cert))[0].peer_id
+    ctx = bulk_ssl_context(stall, server_side=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    went, closed = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(1 << 16)  # the StreamPullRequest
+            tls.sendall(codec.encode_frame(m.TransferDone(transfer_id="t1", ok=True)) + b"x" * 1000)
+            went.set()
+            with contextlib.suppress(OSError):
+                while tls.recv(1 << 16):  # until the receiver's socket is shut down
+                    pass
+            closed.set()
+
+    offer = m.TensorOffer(
+        transfer_id="t1",
+        purpose="file",
+        size=64 * 1024 * 1024,
+        sha256="0" * 64,
+        token="t" * 32,
+        address=f"127.0.0.1:{listener.getsockname()[1]}",
+    )
+    dest = tmp_path / "in" / "never.bin"
+    async with (
+        open_test_node(pki, "b", "worker") as b,
+        serving(b) as receiver,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(trio.to_thread.run_sync, serve)
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(receiver.pull, offer, stall_id, dest)
+                with trio.fail_after(10):
+                    await trio.to_thread.run_sync(went.wait)
+                scope.cancel()
+        with trio.fail_after(10):
+            await trio.to_thread.run_sync(closed.wait)
+    listener.close()
+    assert scope.cancelled_caught
+    assert not dest.exists()
+    assert leftovers(dest.parent) == []

@@ -36,15 +36,19 @@ def test_new_epoch_keeps_owners_for_cache_affinity() -> None:
     assert tracker.epoch == 1
 
 
-def test_epoch_waits_for_assigned_slices() -> None:
+def test_next_epoch_does_not_wait_for_slices_in_flight() -> None:
     tracker = SliceTracker(2)
     tracker.assign("a")
     got = tracker.assign("b")
     assert got == (1, 0)
+    assert tracker.assign("b") is None  # every slice is in flight
     tracker.mark_used("b", 1)
-    assert tracker.assign("b") is None
-    tracker.mark_used("a", 0)
+    # b need not wait for a (which may itself be waiting on b at a sync): epoch 1 starts.
     assert tracker.assign("b") == (1, 1)
+    # a's slice 0 counts for epoch 0; once used, it is still to be used in epoch 1.
+    tracker.mark_used("a", 0)
+    assert tracker.state(0) is SliceState.AVAILABLE
+    assert tracker.assign("a") == (0, 1)
 
 
 def test_steals_from_owner_with_most_available() -> None:
@@ -154,49 +158,51 @@ class SliceMachine(RuleBasedStateMachine):
         self.num_slices = 7
         self.tracker = SliceTracker(self.num_slices)
         self.epoch = 0
-        self.held: dict[int, str] = {}  # slice -> worker, for ASSIGNED slices
-        self.used: set[int] = set()  # used in the current epoch
+        self.held: dict[int, tuple[str, int]] = {}  # ASSIGNED slice -> (worker, epoch assigned in)
+        self.used: dict[int, set[int]] = {0: set()}  # epoch -> slices used for it
 
     def _new_epoch_if_needed(self, epoch: int) -> None:
         if epoch != self.epoch:
             assert epoch == self.epoch + 1
-            # Every slice got USED exactly once in the epoch that just ended.
-            assert self.used == set(range(self.num_slices))
-            assert not self.held
+            # The epoch ended only once no slice was left: each was used or still in flight.
+            assert len(self.used[self.epoch]) + len(self.held) == self.num_slices
+            assert self.used[self.epoch]
             self.epoch = epoch
-            self.used = set()
+            self.used[epoch] = set()
+
+    def _available(self) -> set[int]:
+        return set(range(self.num_slices)) - set(self.held) - self.used[self.epoch]
 
     @rule(worker=st.sampled_from(WORKERS))
     def assign(self, worker: str) -> None:
         got = self.tracker.assign(worker)
         if got is None:
-            # Only when nothing is available and something is still in flight.
-            assert self.held
-            assert len(self.held) + len(self.used) == self.num_slices
+            # Only when every slice is in flight.
+            assert len(self.held) == self.num_slices
             return
         index, epoch = got
         self._new_epoch_if_needed(epoch)
         assert index not in self.held
-        assert index not in self.used
-        self.held[index] = worker
+        assert index not in self.used[self.epoch]
+        self.held[index] = (worker, epoch)
 
     @precondition(lambda self: bool(self.held))
     @rule(data=st.data())
     def mark_used(self, data: st.DataObject) -> None:
         index = data.draw(st.sampled_from(sorted(self.held)))
-        worker = self.held[index]
+        worker, epoch = self.held[index]
         wrong = data.draw(st.sampled_from([w for w in WORKERS if w != worker]))
         with pytest.raises(LeaseError):
             self.tracker.mark_used(wrong, index)
         self.tracker.mark_used(worker, index)
-        assert index not in self.used
+        assert index not in self.used[epoch]  # never used twice for one epoch
         del self.held[index]
-        self.used.add(index)
+        self.used[epoch].add(index)
 
     @rule(worker=st.sampled_from(WORKERS))
     def release(self, worker: str) -> None:
         returned = self.tracker.release_worker(worker)
-        expected = sorted(i for i, w in self.held.items() if w == worker)
+        expected = sorted(i for i, (w, _) in self.held.items() if w == worker)
         assert returned == expected
         for index in returned:
             del self.held[index]
@@ -205,9 +211,9 @@ class SliceMachine(RuleBasedStateMachine):
     @rule(worker=st.sampled_from(WORKERS))
     def drain(self, worker: str) -> None:
         """Everyone finishes what they hold, then one worker works to the epoch's end."""
-        for index, holder in sorted(self.held.items()):
+        for index, (holder, epoch) in sorted(self.held.items()):
             self.tracker.mark_used(holder, index)
-            self.used.add(index)
+            self.used[epoch].add(index)
         self.held.clear()
         start = self.epoch
         for _ in range(self.num_slices + 1):
@@ -215,9 +221,9 @@ class SliceMachine(RuleBasedStateMachine):
             assert got is not None
             index, epoch = got
             self._new_epoch_if_needed(epoch)
-            assert index not in self.used
+            assert index not in self.used[self.epoch]
             self.tracker.mark_used(worker, index)
-            self.used.add(index)
+            self.used[self.epoch].add(index)
             if self.epoch != start:
                 return
         raise AssertionError("epoch did not end although every slice was handed out")
@@ -230,15 +236,16 @@ class SliceMachine(RuleBasedStateMachine):
             if index in self.held:
                 # ASSIGNED to exactly one worker: the one in the model.
                 assert state is SliceState.ASSIGNED
-                assert self.tracker.owner(index) == self.held[index]
-            elif index in self.used:
+                assert self.tracker.owner(index) == self.held[index][0]
+            elif index in self.used[self.epoch]:
                 assert state is SliceState.USED
             else:
-                # Released or never handed out: available, never lost.
+                # Released, never handed out, or used for an earlier epoch: never lost.
                 assert state is SliceState.AVAILABLE
+                assert index in self._available()
         stats = self.tracker.statistics()
         assert stats.num_assigned == len(self.held)
-        assert stats.num_used == len(self.used)
+        assert stats.num_used == len(self.used[self.epoch])
 
 
 TestSliceMachine = SliceMachine.TestCase

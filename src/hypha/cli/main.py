@@ -249,13 +249,17 @@ def data(
 
 @data_app.command("prepare")
 def data_prepare(
-    source: Annotated[Path, typer.Argument(help="Folder of text files, a .npy/.npz array file, or a .csv file.")],
+    source: Annotated[
+        Path, typer.Argument(help="Folder of text files, a .npy/.npz array file, or a .csv file.")
+    ],
     name: Annotated[str, typer.Option("--name", help="Dataset name (announced in the DHT).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for manifest.json and slices.")],
     slice_samples: Annotated[int, typer.Option("--slice-samples", help="Samples per slice.")] = 256,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (text).")] = 64,
     tokenizer: Annotated[str, typer.Option("--tokenizer", help="Text tokenizer: byte.")] = "byte",
-    max_samples: Annotated[int | None, typer.Option("--max-samples", help="Stop after this many samples.")] = None,
+    max_samples: Annotated[
+        int | None, typer.Option("--max-samples", help="Stop after this many samples.")
+    ] = None,
 ) -> None:
     """Prepare a dataset into SafeTensors slices and a manifest (deterministic)."""
     from rich.progress import Progress
@@ -270,8 +274,14 @@ def data_prepare(
                 bar.update(task, completed=done, total=total)
 
             manifest = prepare_dataset(
-                source, name, out, slice_samples=slice_samples, seq_len=seq_len, tokenizer=tokenizer,
-                max_samples=max_samples, progress=progress,
+                source,
+                name,
+                out,
+                slice_samples=slice_samples,
+                seq_len=seq_len,
+                tokenizer=tokenizer,
+                max_samples=max_samples,
+                progress=progress,
             )
     except (HyphaError, ValueError) as exc:
         fail(str(exc))
@@ -281,15 +291,22 @@ def data_prepare(
 
 @app.command()
 def up(
-    workers: Annotated[int, typer.Option("--workers", "-n", help="Trainer workers (plus one parameter server).")] = 3,
-    job: Annotated[Path | None, typer.Option("--job", "-j", help="Job spec; default: the built-in demo.")] = None,
-    rounds: Annotated[int | None, typer.Option("--rounds", help="Override the demo's number of rounds.")] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", "-n", help="Trainer workers (plus one parameter server).")
+    ] = 3,
+    job: Annotated[
+        Path | None, typer.Option("--job", "-j", help="Job spec; default: the built-in demo.")
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", help="Override the demo's number of rounds.")
+    ] = None,
     single_process: Annotated[
-        bool, typer.Option("--single-process", help="All roles in this process (trainers still run as children).")
+        bool,
+        typer.Option("--single-process", help="All roles in this process (trainers still run as children)."),
     ] = False,
-    directory: Annotated[Path, typer.Option("--dir", help="Where the network's files and datasets go.")] = Path(
-        "runs/local"
-    ),
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where the network's files and datasets go.")
+    ] = Path("runs/local"),
     live: Annotated[bool, typer.Option("--live/--no-live", help="Draw the live view.")] = True,
     verbose: VerboseOpt = False,
 ) -> None:

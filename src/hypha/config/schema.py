@@ -133,9 +133,12 @@ class WorkerConfig(ClientNetworkSection):
     kill_grace_seconds: float = doc("Seconds between SIGTERM and SIGKILL when stopping an executor.", 5.0)
     cache_slices: int = doc("Dataset slices kept in the worker's cache (least recently used evicted).", 64)
     prefetch_depth: int = doc("Slices fetched ahead of the executor's requests.", 2)
-    throttle: float = doc("Test knob: train N times slower than this machine can (emulates a slow worker).", 1.0)
+    throttle: float = doc(
+        "Test knob: train N times slower than this machine can (emulates a slow worker).", 1.0
+    )
     uri_allow: list[str] = doc(
-        "URI prefixes executors may fetch by reference (e.g. 'file:///data/'); empty: none.", default_factory=list
+        "URI prefixes executors may fetch by reference (e.g. 'file:///data/'); empty: none.",
+        default_factory=list,
     )
 
     def __post_init__(self) -> None:

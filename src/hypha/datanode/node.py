@@ -49,7 +49,9 @@ def load_datasets(paths: list[Path]) -> dict[str, ServedDataset]:
     for root in paths:
         manifest = load_manifest(root)
         if manifest.name in datasets:
-            raise DataError(f"dataset {manifest.name!r} is listed twice ({datasets[manifest.name].root}, {root})")
+            raise DataError(
+                f"dataset {manifest.name!r} is listed twice ({datasets[manifest.name].root}, {root})"
+            )
         datasets[manifest.name] = ServedDataset(root, manifest, (root / "manifest.json").read_bytes())
     return datasets
 
@@ -111,7 +113,9 @@ class DataNode:
         await self.announce()
         nursery.start_soon(self._reannounce)
         for served in self.datasets.values():
-            logger.info("serving %s: %d slices from %s", served.manifest.name, served.manifest.num_slices, served.root)
+            logger.info(
+                "serving %s: %d slices from %s", served.manifest.name, served.manifest.num_slices, served.root
+            )
         return {"datasets": sorted(self.datasets)}
 
 

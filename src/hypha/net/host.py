@@ -197,9 +197,21 @@ class Node:
             raise NetworkError(f"cannot open {protocol} to {peer_id}: {_leaf(exc)}") from exc
         return stream
 
-    async def request(self, peer_id: str, msg: m.Msg, expect: type[M], protocol: str = ids.API_PROTOCOL) -> M:
-        """Send one request and return the typed response (bounded by ``rpc_timeout_seconds``)."""
-        with trio.fail_after(self.settings.rpc_timeout_seconds):
+    async def request(
+        self,
+        peer_id: str,
+        msg: m.Msg,
+        expect: type[M],
+        protocol: str = ids.API_PROTOCOL,
+        *,
+        timeout_seconds: float | None = None,
+    ) -> M:
+        """Send one request and return the typed response.
+
+        Bounded by ``timeout_seconds`` (default: the node's ``rpc_timeout_seconds``); requests
+        whose handler moves bulk data pass a deadline that grows with the size.
+        """
+        with trio.fail_after(timeout_seconds or self.settings.rpc_timeout_seconds):
             stream = await self.open_stream(peer_id, protocol)
             return await exchange(stream, msg, expect)
 

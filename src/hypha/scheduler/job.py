@@ -43,7 +43,9 @@ class Member:
     reported: bool = False
 
 
-async def discover_dataset(parts: SchedulerParts, name: str, timeout_seconds: float) -> tuple[list[str], Manifest]:
+async def discover_dataset(
+    parts: SchedulerParts, name: str, timeout_seconds: float
+) -> tuple[list[str], Manifest]:
     """Find the providers and manifest of ``name`` in the DHT (retrying until the timeout)."""
     from hypha.data.manifest import Manifest, manifest_sha256
 
@@ -57,7 +59,9 @@ async def discover_dataset(parts: SchedulerParts, name: str, timeout_seconds: fl
                 providers = await node.dht.find_providers(key) if record else []
                 for provider in providers:
                     try:
-                        reply = await node.request(provider, m.ManifestRequest(dataset=name), m.ManifestResponse)
+                        reply = await node.request(
+                            provider, m.ManifestRequest(dataset=name), m.ManifestResponse
+                        )
                     except HyphaError as exc:
                         last = str(exc)
                         continue
@@ -107,12 +111,18 @@ class JobDriver:
 
     def _model_doc(self) -> ModelDoc:
         spec = self.job.model
-        return ModelDoc(kind=spec.kind, name=spec.name, path=str(spec.path) if spec.path else None,
-                        options=dict(spec.options))
+        return ModelDoc(
+            kind=spec.kind,
+            name=spec.name,
+            path=str(spec.path) if spec.path else None,
+            options=dict(spec.options),
+        )
 
     def _train_doc(self) -> TrainTask:
         job = self.job
-        total_steps = max(1, job.rounds * job.samples_per_round // (job.batch_size * max(1, job.trainers.target)))
+        total_steps = max(
+            1, job.rounds * job.samples_per_round // (job.batch_size * max(1, job.trainers.target))
+        )
         inner = job.inner
         assert self.ps is not None
         return TrainTask(
@@ -121,8 +131,15 @@ class JobDriver:
             dataset=job.dataset,
             batch_size=job.batch_size,
             seed=job.seed,
-            inner=InnerDoc(lr=inner.lr, beta1=inner.beta1, beta2=inner.beta2, weight_decay=inner.weight_decay,
-                           warmup_steps=inner.warmup_steps, schedule=inner.schedule, total_steps=total_steps),
+            inner=InnerDoc(
+                lr=inner.lr,
+                beta1=inner.beta1,
+                beta2=inner.beta2,
+                weight_decay=inner.weight_decay,
+                warmup_steps=inner.warmup_steps,
+                schedule=inner.schedule,
+                total_steps=total_steps,
+            ),
             encoding=job.encoding,
             report_every_seconds=job.report_every_seconds,
             parameter_server=self.ps.worker,
@@ -210,7 +227,10 @@ class JobDriver:
         if self.ps is None:
             return
         plan = m.RoundPlan(
-            job_id=self.job_id, round=self.round, trainers=sorted(self.trainers), min_updates=self.job.trainers.min
+            job_id=self.job_id,
+            round=self.round,
+            trainers=sorted(self.trainers),
+            min_updates=self.job.trainers.min,
         )
         try:
             await self.parts.node.request(self.ps.worker, plan, m.Ack)
@@ -229,6 +249,8 @@ class JobDriver:
         if isinstance(event, m.BatchesDone):
             for index in event.slices_done:
                 self._mark_used(peer, index)
+            if event.batches == 0:
+                return m.Continue()
             self.recorder.batches(peer, event, now)
             if peer not in self.trainers or event.round != self.round:
                 return m.Continue()
@@ -257,6 +279,12 @@ class JobDriver:
             raise DataError(f"this job trains on {self.job.dataset!r}, not {request.dataset!r}")
         if peer not in self.trainers:
             return m.NoSlice(reason="not a trainer of this job")
+        # A trainer holds at most its fair share of slices in flight (current + prefetched):
+        # one that hoards prefetched slices while it waits at a sync could starve another
+        # that still has batches to run for the same round.
+        limit = max(1, self.tracker.num_slices // (2 * max(1, len(self.trainers))))
+        if len(self.tracker.assigned(peer)) >= limit:
+            return m.NoSlice(reason=f"already holds {limit} slices in flight")
         assigned = self.tracker.assign(peer)
         if assigned is None:
             return m.NoSlice(reason="every slice is in use")
@@ -267,8 +295,12 @@ class JobDriver:
             if self.tracker.owner(i) == peer and self.tracker.state(i) is SliceState.AVAILABLE
         ][:2]
         return m.SliceAssign(
-            dataset=self.job.dataset, index=index, epoch=epoch, sha256=self.manifest.slices[index].sha256,
-            providers=list(self.providers), upcoming=upcoming,
+            dataset=self.job.dataset,
+            index=index,
+            epoch=epoch,
+            sha256=self.manifest.slices[index].sha256,
+            providers=list(self.providers),
+            upcoming=upcoming,
         )
 
     async def _slice_used(self, peer: str, request: m.SliceUsed) -> m.Ack:
@@ -285,7 +317,9 @@ class JobDriver:
         else:
             self.round = closed.round + 1
             self.planner.start_round(
-                self.round, self.job.samples_per_round, [(w, self.job.batch_size) for w in self.trainers],
+                self.round,
+                self.job.samples_per_round,
+                [(w, self.job.batch_size) for w in self.trainers],
                 trio.current_time(),
             )
             await self._send_plan()
@@ -332,7 +366,9 @@ class JobDriver:
                 detail = status.detail.strip().splitlines()[-1] if status.detail.strip() else ""
                 if status.exit_code is None and not member.reported:
                     raise JobError(f"trainer executor on {member.worker} cannot start: {detail}")
-                self.parts.trainers.lose(member.worker, f"task failed with exit code {status.exit_code}: {detail}")
+                self.parts.trainers.lose(
+                    member.worker, f"task failed with exit code {status.exit_code}: {detail}"
+                )
             elif status.state == "running":
                 member.reported = True
             elif status.state == "finished":

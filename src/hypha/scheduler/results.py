@@ -101,7 +101,9 @@ class JobRecorder:
     def metrics(self, worker: str, round_: int, values: dict[str, float]) -> None:
         track = self._track(worker)
         track.bytes_sent += values.get("bytes_sent", 0.0)
-        self._line({"round": round_, "worker": worker, "time": round(time.time() - self.started_unix, 3), **values})
+        self._line(
+            {"round": round_, "worker": worker, "time": round(time.time() - self.started_unix, 3), **values}
+        )
 
     def global_round(self, closed: m.RoundClosed) -> None:
         doc: dict[str, Any] = {
@@ -172,7 +174,12 @@ class JobRecorder:
         for worker, points in sorted(per_worker.items()):
             ax.plot([p[0] for p in points], [p[1] for p in points], alpha=0.5, label=f"trainer {worker[-6:]}")
         if self.global_loss:
-            ax.plot([p[0] for p in self.global_loss], [p[1] for p in self.global_loss], "k-o", label="global (held out)")
+            ax.plot(
+                [p[0] for p in self.global_loss],
+                [p[1] for p in self.global_loss],
+                "k-o",
+                label="global (held out)",
+            )
         ax.set_xlabel("round")
         ax.set_ylabel("loss")
         ax.set_title(f"{self.job.name}: loss per round")

@@ -2,7 +2,10 @@
 
 A job's dataset is cut into ``num_slices`` slices. Within an epoch each slice moves
 AVAILABLE -> ASSIGNED (handed to one worker) -> USED (the worker reported it done); when
-every slice is USED the next epoch starts with all of them AVAILABLE again. Slices keep an
+no slice is AVAILABLE and some are USED, the next epoch starts with the USED ones AVAILABLE
+again. Slices still in flight from the previous epoch count for the epoch they were assigned
+in and become AVAILABLE for the current one when they are reported used, so trainers that
+prefetch never wait for the slowest one to finish its queue (which could deadlock a round). Slices keep an
 owner across epochs so a worker is handed the slices it already has cached; an idle worker
 steals from the owner with the most slices left. A lost worker's in-flight slices return
 to AVAILABLE and it loses ownership, so no slice is skipped.
@@ -55,6 +58,7 @@ class SliceTracker:
             raise ValueError(f"num_slices must be >= 1, got {num_slices}")
         self._states = [SliceState.AVAILABLE] * num_slices
         self._owners: list[str | None] = [None] * num_slices
+        self._assigned_in: list[int] = [0] * num_slices
         self._epoch = 0
 
     @property
@@ -126,8 +130,7 @@ class SliceTracker:
             worker: The requesting worker's id.
 
         Returns:
-            ``(index, epoch)``, or None when nothing is AVAILABLE but some slices are still
-            ASSIGNED (the epoch ends once they are used or released).
+            ``(index, epoch)``, or None when every slice is ASSIGNED.
 
         Raises:
             ValueError: ``worker`` is empty.
@@ -136,14 +139,17 @@ class SliceTracker:
             raise ValueError("worker must be non-empty")
         index = self._pick(worker)
         if index is None:
-            if any(state is SliceState.ASSIGNED for state in self._states):
+            if not any(state is SliceState.USED for state in self._states):
                 return None
             self._epoch += 1
-            self._states = [SliceState.AVAILABLE] * len(self._states)
+            self._states = [
+                SliceState.AVAILABLE if state is SliceState.USED else state for state in self._states
+            ]
             index = self._pick(worker)
-            assert index is not None  # every slice was just made AVAILABLE
+            assert index is not None  # the USED slices were just made AVAILABLE
         self._states[index] = SliceState.ASSIGNED
         self._owners[index] = worker
+        self._assigned_in[index] = self._epoch
         return index, self._epoch
 
     def mark_used(self, worker: str, index: int) -> None:
@@ -157,7 +163,10 @@ class SliceTracker:
         self._check_index(index)
         if self._states[index] is not SliceState.ASSIGNED or self._owners[index] != worker:
             raise LeaseError(f"slice {index} is not assigned to {worker}")
-        self._states[index] = SliceState.USED
+        # Used for the epoch it was assigned in; if that epoch is over, it is still to be
+        # used in the current one.
+        stale = self._assigned_in[index] < self._epoch
+        self._states[index] = SliceState.AVAILABLE if stale else SliceState.USED
 
     def release_worker(self, worker: str) -> list[int]:
         """Take back a lost worker's slices: ASSIGNED ones become AVAILABLE again.

@@ -5,8 +5,9 @@ one process per worker would not fit on a small machine: each worker is a full
 ``run_worker`` node with its own certificate issued from the CA in ``--pki``, its own
 listener, arbiter and lease ledger. Once all are up it writes one ready file
 ``{"peer_ids": [...], "count": N, "pid": ...}``; SIGTERM or SIGINT stop every worker
-cleanly. Like ``testing/peer.py`` it is a harness entry point, not a role, so it calls
-``trio.run`` itself. It holds no allocation logic: that is ``worker/``'s.
+cleanly, and SIGUSR1/SIGUSR2 switch every arbiter's batch window (so one set of workers,
+slow to start, serves two allocation policies). Like ``testing/peer.py`` it is a harness
+entry point, not a role, so it calls ``trio.run`` itself. It holds no allocation logic.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,29 @@ def parse_prices(text: str | None, num_workers: int) -> list[float]:
     return [prices[i % len(prices)] for i in range(num_workers)]
 
 
-def write_ready(path: Path, peer_ids: Sequence[str]) -> None:
-    """Atomically write the ready JSON (readers poll for the file to exist)."""
-    doc = {"peer_ids": list(peer_ids), "count": len(peer_ids), "pid": os.getpid()}
+def write_json(path: Path, doc: Mapping[str, object]) -> None:
+    """Atomically write ``doc`` as JSON (readers poll for the file to exist)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc) + "\n")
     os.replace(tmp, path)
+
+
+def write_ready(path: Path, peer_ids: Sequence[str]) -> None:
+    """Write the ready file: ``{"peer_ids": [...], "count": N, "pid": ...}``."""
+    write_json(path, {"peer_ids": list(peer_ids), "count": len(peer_ids), "pid": os.getpid()})
+
+
+def mode_file(ready_file: Path) -> Path:
+    """Where a host reports the batch window its arbiters use after a switch."""
+    return ready_file.with_name(ready_file.name + ".mode")
+
+
+def set_batch_window(workers: Sequence[Worker], seconds: float) -> None:
+    """Make every worker's arbiter batch adverts for ``seconds`` from its next batch on."""
+    for worker in workers:
+        # TODO(bench): Arbiter has no public setter; benchmarks switch policy at run time.
+        worker.arbiter._batch_window = seconds
 
 
 async def run_workers(
@@ -97,16 +114,35 @@ def build_configs(args: argparse.Namespace) -> list[Any]:
 
 async def _main(args: argparse.Namespace) -> None:
     configs = build_configs(args)
+    windows = {
+        signal.SIGUSR1: args.alt_batch_window_seconds,
+        signal.SIGUSR2: configs[0].batch_window_seconds,
+    }
+    workers: list[Worker] = []
     async with trio.open_nursery() as nursery:
+        # Signals are received from the start, so SIGTERM also stops a slow startup cleanly.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, *windows) as signals:
 
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    return
+            async def start_all() -> None:
+                workers.extend(
+                    await nursery.start(
+                        lambda task_status: run_workers(
+                            configs, ready_file=args.ready_file, task_status=task_status
+                        )
+                    )
+                )
 
-        nursery.start_soon(stop_on_signal)
-        await nursery.start(lambda task_status: run_workers(configs, ready_file=args.ready_file, task_status=task_status))
+            nursery.start_soon(start_all)
+            async for signum in signals:
+                if signum not in windows:
+                    break
+                seconds = windows[signal.Signals(signum)]
+                if seconds is None or not workers:
+                    logger.warning("batch window switch ignored (no window given or not up yet)")
+                    continue
+                set_batch_window(workers, seconds)
+                write_json(mode_file(args.ready_file), {"batch_window_seconds": seconds})
+        nursery.cancel_scope.cancel()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -120,15 +156,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prices", default=None, help="Comma-separated asking prices, cycled.")
     parser.add_argument("--batch-window-seconds", type=float, default=None)
     parser.add_argument("--offer-window-seconds", type=float, default=None)
+    parser.add_argument(
+        "--alt-batch-window-seconds",
+        type=float,
+        default=None,
+        help="On SIGUSR1 every arbiter batches for this long (SIGUSR2: back to the configured "
+        "window); each switch is confirmed in READY_FILE.mode.",
+    )
+    parser.add_argument("--verbose", action="store_true", help="INFO logs instead of WARNING.")
     args = parser.parse_args(argv)
     if args.count <= 0:
         parser.error("--count: must be positive")
+    if args.alt_batch_window_seconds is not None and args.alt_batch_window_seconds <= 0:
+        parser.error("--alt-batch-window-seconds: must be positive")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    init_logging(f"workers-{args.prefix}", quiet=True)
+    init_logging(f"workers-{args.prefix}", quiet=not args.verbose)
     trio.run(_main, args)
 
 

@@ -12,6 +12,7 @@ server does) and never touches trio or the network: every request goes through
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import os
@@ -55,6 +56,8 @@ logger = logging.getLogger(__name__)
 EXIT_ERROR: Final = 3
 EXIT_TERMINATED: Final = 128 + signal.SIGTERM
 THREADS_ENV: Final = "HYPHA_TORCH_THREADS"
+THROTTLE_ENV: Final = "HYPHA_THROTTLE"
+"""Set by a worker configured with ``throttle``: run this many times slower (test knob)."""
 PREFETCH_DEPTH: Final = 2
 FETCH_RETRY_SECONDS: Final = (0.05, 2.0)
 """First and largest backoff between fetches the worker could not serve yet."""
@@ -152,8 +155,11 @@ class ProgressReporter:
             with self._lock:
                 pending, self._pending = self._pending, {}
                 slices_done, self._slices_done = self._slices_done, []
-                if not pending:  # rare: keep them for a report with batches
-                    self._slices_done = slices_done
+            if not pending and slices_done:
+                # Waiting for data: the scheduler must still learn these slices are used,
+                # or it can never start the next epoch.
+                empty = ProgressReport(batches=0, samples=0, seconds=0.0, slices_done=slices_done)
+                self.offer(self._session.report_progress(empty))
             for round, stats in sorted(pending.items()):
                 report: ProgressBody = ProgressReport(
                     batches=stats.batches,
@@ -344,6 +350,7 @@ def train(
         model.parameters(), lr=inner.lr, betas=(inner.beta1, inner.beta2), weight_decay=inner.weight_decay
     )  # kept across rounds: DiLoCo keeps the inner optimizer state
     step = 0  # inner steps over the whole run (the LR schedule spans rounds)
+    throttle = max(task.throttle, float(os.environ.get(THROTTLE_ENV, "1") or 1))
     round_idx = first_round
     batches_left: int | None = None  # more batches before the sync; None while none ordered
     stats = _Stats()  # this round's batches
@@ -369,17 +376,21 @@ def train(
                 samples=stats.samples,
                 encoding=task.encoding,
             )
+            bytes_sent = update_path.stat().st_size
             update_path.unlink(missing_ok=True)
-            session.report_metrics(round_idx, stats.metrics())
             sent = session.report_progress(UpdateSentReport(round=round_idx, samples=stats.samples))
             if sent.action == "done":
                 return 0
             weights_path = inbox.wait_weights(round_idx)
+            bytes_received = weights_path.stat().st_size
             new_params, _ = load_tensors_file(weights_path)  # {name: [*shape]} fp32 CPU, full weights
-            pass  # load_params(model, new_params)  # in place: AdamW still points at the same tensors
+            load_params(model, new_params)  # in place: AdamW still points at the same tensors
             global_params = new_params  # {name: [*shape]} theta_global of the next round
             weights_path.unlink(missing_ok=True)
             logger.info("applied the global weights of round %d", round_idx)
+            extra = {"bytes_sent": float(bytes_sent), "bytes_received": float(bytes_received)}
+            extra["param_digest"] = params_digest(snapshot(model))  # equal on every trainer after a sync
+            session.report_metrics(round_idx, {**stats.metrics(), **extra})
             reporter.offer(session.report_progress(UpdateAppliedReport(round=round_idx)))
             round_idx, batches_left, stats = round_idx + 1, None, _Stats()
             continue
@@ -395,8 +406,8 @@ def train(
         torch.autograd.backward(loss)  # grads {name: [*shape]}
         optimizer.step()  # AdamW update of every parameter in place
         loss_value = float(loss.detach())  # [] -> float; waits for the device
-        if task.throttle > 1.0:  # test knob: emulate a slower worker
-            time.sleep((task.throttle - 1.0) * (time.perf_counter() - started))
+        if throttle > 1.0:  # test knob: emulate a slower worker
+            time.sleep((throttle - 1.0) * (time.perf_counter() - started))
         seconds = time.perf_counter() - started
         num_rows = next(iter(batch.values())).shape[0]  # B
         step += 1
@@ -404,6 +415,15 @@ def train(
         reporter.record(round_idx, num_rows, seconds, loss_value)
         if batches_left is not None:
             batches_left -= 1
+
+
+def params_digest(params: dict[str, Tensor]) -> float:
+    """The first 48 bits of a sha256 over every parameter, as an exactly representable float."""
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        digest.update(name.encode())
+        digest.update(params[name].contiguous().numpy().tobytes())  # [*shape] fp32 bytes
+    return float(int(digest.hexdigest()[:12], 16))
 
 
 def _torch_threads() -> int:

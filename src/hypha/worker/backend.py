@@ -75,6 +75,7 @@ def to_event(body: b.ProgressBody) -> m.ProgressEvent:
             samples=body.samples,
             seconds=body.seconds,
             loss=body.loss,
+            slices_done=list(body.slices_done),
         )
     if isinstance(body, b.UpdateSentReport):
         return m.UpdateSent(round=body.round, samples=body.samples)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from hypha.worker.backend import TaskServices
 
 logger = logging.getLogger(__name__)
+MAX_SOCKET_PATH = 100
 
 
 @dataclass
@@ -50,7 +52,14 @@ class Task:
 
     @property
     def socket_path(self) -> Path:
-        return self.work_dir / "bridge.sock"
+        path = self.work_dir / "bridge.sock"
+        if len(os.fsencode(path)) < MAX_SOCKET_PATH:
+            return path
+        # AF_UNIX paths are short: fall back to a private runtime directory for deep work dirs.
+        runtime = Path(tempfile.gettempdir()) / f"hypha-{os.getuid()}"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(runtime, 0o700)
+        return runtime / f"{self.task_id[:16]}.sock"
 
     @property
     def job_path(self) -> Path:
@@ -88,7 +97,7 @@ class JobManager:
             )
         if self._nursery is None:
             return m.Refused(reason="worker is shutting down")
-        work_dir = self._config.work_dir / f"task-{request.task_id}"
+        work_dir = self._config.work_dir / f"task-{request.task_id[:16]}"
         try:
             work_dir.mkdir(parents=True, mode=0o700)
             os.chmod(work_dir, 0o700)
@@ -149,11 +158,14 @@ class JobManager:
             logger.warning("task %s failed: %s", task.task_id, exc)
         except Exception as exc:  # the per-task error boundary: a task never takes the worker down
             task.state = "failed"
-            detail = f"{type(exc).__name__}: {exc}"
+            leaf = _leaf(exc)
+            detail = f"{type(leaf).__name__}: {leaf}"
             logger.error("task %s crashed", task.task_id, exc_info=True)
         finally:
             with trio.CancelScope(shield=True):
                 shutil.rmtree(task.work_dir, ignore_errors=True)
+                if task.socket_path.parent != task.work_dir:
+                    task.socket_path.unlink(missing_ok=True)
                 self.tasks.pop(task.task_id, None)
                 task.done.set()
                 await self._report(task, exit_code, detail)
@@ -180,7 +192,9 @@ class JobManager:
                 job_json=task.job_path,
                 task_id=task.task_id,
                 kill_grace_seconds=self._config.kill_grace_seconds,
-                extra_env={"HYPHA_THROTTLE": str(self._config.throttle)} if self._config.throttle != 1.0 else None,
+                extra_env={"HYPHA_THROTTLE": str(self._config.throttle)}
+                if self._config.throttle != 1.0
+                else None,
             )
             nursery.cancel_scope.cancel()
         if result.exit_code != 0:
@@ -213,3 +227,9 @@ class JobManager:
                 for task in self.tasks.values():
                     task.state = "cancelled"
                     task.scope.cancel()
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

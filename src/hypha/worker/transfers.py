@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MIN_BYTES_PER_SECOND = 2_000_000
+"""Slowest channel a push is given time for (a relayed libp2p stream runs at 5-9 MB/s)."""
+
 UpdateSink = Callable[[m.TensorOffer, str, Path], Awaitable[None]]
 """``async def sink(offer, sender, path)``: an aggregator takes a received update."""
 
@@ -61,7 +64,10 @@ class Transfers:
         self._jobs = jobs
         self._providers: dict[tuple[str, int], list[str]] = {}
         self.cache = SliceCache(
-            config.work_dir / "cache", config.cache_slices, self._fetch_slice, prefetch_depth=config.prefetch_depth
+            config.work_dir / "cache",
+            config.cache_slices,
+            self._fetch_slice,
+            prefetch_depth=config.prefetch_depth,
         )
         self.aggregators: dict[str, UpdateSink] = {}
         self.parameter_servers: dict[str, ParameterServer] = {}
@@ -111,7 +117,9 @@ class Transfers:
 
     async def _fetch_assigned_slice(self, task: Task, dataset: str | None, work_dir: Path) -> b.FetchedFile:
         name = dataset or self._train_doc(task).dataset
-        reply = await self._node.request(task.scheduler, m.NextSliceRequest(job_id=task.job_id, dataset=name), m.Msg)
+        reply = await self._node.request(
+            task.scheduler, m.NextSliceRequest(job_id=task.job_id, dataset=name), m.Msg
+        )
         if isinstance(reply, m.NoSlice):
             raise DataError(f"no slice available right now: {reply.reason}")
         assign = codec.expect(reply, m.SliceAssign)
@@ -119,13 +127,20 @@ class Transfers:
             self._providers[(assign.dataset, hint.index)] = list(assign.providers)
         self._providers[(assign.dataset, assign.index)] = list(assign.providers)
         ref = SliceRef(dataset=assign.dataset, index=assign.index, sha256=assign.sha256)
-        self.cache.prefetch([SliceRef(dataset=assign.dataset, index=h.index, sha256=h.sha256) for h in assign.upcoming])
+        self.cache.prefetch(
+            [SliceRef(dataset=assign.dataset, index=h.index, sha256=h.sha256) for h in assign.upcoming]
+        )
         rel = Path("slices") / f"{assign.dataset}-{assign.index:05d}.safetensors"
         async with self.cache.open(ref) as cached:
             await trio.to_thread.run_sync(_link_or_copy, cached, work_dir / rel)
         size = (work_dir / rel).stat().st_size
         return b.FetchedFile(
-            path=str(rel), size=size, sha256=assign.sha256, index=assign.index, dataset=assign.dataset, epoch=assign.epoch
+            path=str(rel),
+            size=size,
+            sha256=assign.sha256,
+            index=assign.index,
+            dataset=assign.dataset,
+            epoch=assign.epoch,
         )
 
     async def _fetch_slice(self, ref: SliceRef, dest: Path) -> None:
@@ -150,7 +165,9 @@ class Transfers:
                     logger.warning("slice %s/%d from %s failed: %s", ref.dataset, ref.index, provider, exc)
             await trio.sleep(delay)
             delay *= 2
-        raise TransferError(f"slice {ref.dataset}/{ref.index} could not be fetched: " + "; ".join(errors[-4:]))
+        raise TransferError(
+            f"slice {ref.dataset}/{ref.index} could not be fetched: " + "; ".join(errors[-4:])
+        )
 
     async def _fetch_weights(self, task: Task, round_: int | None, work_dir: Path) -> b.FetchedFile:
         doc = self._train_doc(task)
@@ -173,7 +190,7 @@ class Transfers:
         dest.parent.mkdir(parents=True, exist_ok=True)
 
         def download() -> None:
-            with urllib.request.urlopen(uri, timeout=30) as response, dest.open("wb") as out:  # noqa: S310
+            with urllib.request.urlopen(uri, timeout=30) as response, dest.open("wb") as out:
                 shutil.copyfileobj(response, out, 1 << 20)
 
         try:
@@ -182,7 +199,9 @@ class Transfers:
             raise TransferError(f"cannot fetch {uri}: {exc}") from exc
         from hypha.data.manifest import sha256_file
 
-        return b.FetchedFile(path=str(rel), size=dest.stat().st_size, sha256=await trio.to_thread.run_sync(sha256_file, dest))
+        return b.FetchedFile(
+            path=str(rel), size=dest.stat().st_size, sha256=await trio.to_thread.run_sync(sha256_file, dest)
+        )
 
     # --- send -------------------------------------------------------------------------
 
@@ -221,12 +240,23 @@ class Transfers:
         sha: str | None = None
         for peer in peers:
             offer = await self._bulk.offer(
-                path, receiver=peer, purpose=purpose, name=name or path.name, job_id=job_id,
-                round=round_, samples=samples, encoding=encoding, sha256=sha,
+                path,
+                receiver=peer,
+                purpose=purpose,
+                name=name or path.name,
+                job_id=job_id,
+                round=round_,
+                samples=samples,
+                encoding=encoding,
+                sha256=sha,
             )
             sha = offer.sha256
             try:
-                done = await self._node.request(peer, m.TensorPushRequest(offer=offer), m.TransferDone)
+                # The receiver pulls inside this request: allow for a slow (relayed) channel.
+                deadline = self._node.settings.rpc_timeout_seconds + offer.size / MIN_BYTES_PER_SECOND
+                done = await self._node.request(
+                    peer, m.TensorPushRequest(offer=offer), m.TransferDone, timeout_seconds=deadline
+                )
             except HyphaError as exc:
                 errors.append(f"{peer}: {exc}")
                 continue
@@ -249,7 +279,9 @@ class Transfers:
         if offer.purpose == "update":
             sink = self.aggregators.get(offer.job_id)
             if sink is None:
-                return m.TransferDone(transfer_id=offer.transfer_id, ok=False, detail="no aggregator for this job")
+                return m.TransferDone(
+                    transfer_id=offer.transfer_id, ok=False, detail="no aggregator for this job"
+                )
             dest = self._config.work_dir / "incoming" / f"{offer.transfer_id}.safetensors"
             await self._bulk.pull(offer, peer, dest)
             await sink(offer, peer, dest)
@@ -261,8 +293,13 @@ class Transfers:
         await self._bulk.pull(offer, peer, task.work_dir / rel)
         task.inbox.deliver(
             b.ReceivedFile(
-                path=str(rel), size=offer.size, sha256=offer.sha256, from_peer=peer,
-                purpose=offer.purpose, round=offer.round, samples=offer.samples,
+                path=str(rel),
+                size=offer.size,
+                sha256=offer.sha256,
+                from_peer=peer,
+                purpose=offer.purpose,
+                round=offer.round,
+                samples=offer.samples,
             )
         )
         return m.TransferDone(transfer_id=offer.transfer_id, ok=True)

@@ -129,7 +129,9 @@ class ParameterServer:
         current = self.round
         if offer.round != current.number:
             self.num_late += 1
-            logger.warning("dropped update of round %d from %s: round %d is open", offer.round, sender, current.number)
+            logger.warning(
+                "dropped update of round %d from %s: round %d is open", offer.round, sender, current.number
+            )
             path.unlink(missing_ok=True)
             return
         current.updates[sender] = _Update(sender, offer.samples, path)
@@ -150,7 +152,12 @@ class ParameterServer:
             raise JobError("weights are not ready yet")
         served = number if number in self._weights else self.round.number
         return await self._transfers._bulk.offer(
-            path, receiver=peer, purpose="weights", name=path.name, job_id=self._doc.job_id, round=served,
+            path,
+            receiver=peer,
+            purpose="weights",
+            name=path.name,
+            job_id=self._doc.job_id,
+            round=served,
             encoding=self._maths.weights_encoding if self._maths else "fp32",
         )
 
@@ -196,7 +203,9 @@ class ParameterServer:
             logger.warning("no held-out slice for evaluation: %s", exc)
             return
         assert self._maths is not None
-        await trio.to_thread.run_sync(self._maths.load_eval, path, doc.batch_size, doc.eval_batches, limiter=TORCH)
+        await trio.to_thread.run_sync(
+            self._maths.load_eval, path, doc.batch_size, doc.eval_batches, limiter=TORCH
+        )
 
     def _ready(self, current: _Round) -> bool:
         got = set(current.updates)
@@ -221,14 +230,24 @@ class ParameterServer:
         samples = sum(u.samples for u in updates)
         for update in updates:
             update.path.unlink(missing_ok=True)
-        self.round = _Round(current.number + 1, expected=set(current.expected), min_updates=current.min_updates)
+        self.round = _Round(
+            current.number + 1, expected=set(current.expected), min_updates=current.min_updates
+        )
         await self._publish_weights(current.number + 1)
         recipients = sorted(set(current.updates) | current.expected)
-        logger.info("round %d closed: %d updates, %d samples, loss %s", current.number, len(updates), samples, loss)
+        logger.info(
+            "round %d closed: %d updates, %d samples, loss %s", current.number, len(updates), samples, loss
+        )
         await self._broadcast(current.number, recipients)
-        await self._report(m.RoundClosed(
-            job_id=self._doc.job_id, round=current.number, num_updates=len(updates), samples=samples, loss=loss
-        ))
+        await self._report(
+            m.RoundClosed(
+                job_id=self._doc.job_id,
+                round=current.number,
+                num_updates=len(updates),
+                samples=samples,
+                loss=loss,
+            )
+        )
 
     async def _broadcast(self, number: int, recipients: list[str]) -> None:
         path = self._weights[number + 1]
@@ -255,11 +274,17 @@ class ParameterServer:
     async def _send_final_model(self) -> None:
         assert self._maths is not None
         path = self._task.work_dir / "model.safetensors"
-        await trio.to_thread.run_sync(self._maths.write_weights, path, self.round.number, "fp32", limiter=TORCH)
+        await trio.to_thread.run_sync(
+            self._maths.write_weights, path, self.round.number, "fp32", limiter=TORCH
+        )
         try:
             await self._transfers.push(
-                path, [self._doc.scheduler], purpose="weights", job_id=self._doc.job_id,
-                round_=self.round.number, name="model.safetensors",
+                path,
+                [self._doc.scheduler],
+                purpose="weights",
+                job_id=self._doc.job_id,
+                round_=self.round.number,
+                name="model.safetensors",
             )
         except HyphaError as exc:
             logger.error("final model not delivered to the scheduler: %s", exc)

@@ -1,0 +1,190 @@
+"""DiLoCo end to end on real nodes: 3 trainers (child processes) and a parameter server."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from hypha.config.job import JobSpec, load_job
+from hypha.config.schema import DataConfig
+from hypha.datanode.node import run_data_node
+from hypha.scheduler.node import run_scheduler
+from hypha.testing.cluster import Pki, open_test_node, scheduler_config, worker_config, write_toml
+from hypha.worker import run_worker
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+
+TINY = {"dim": 32, "num_layers": 1, "num_heads": 2, "seq_len": 32}
+
+
+def job_spec(tmp: Path, name: str, **overrides: Any) -> JobSpec:
+    doc: dict[str, Any] = {
+        "name": name,
+        "dataset": "tiny-text",
+        "rounds": 5,
+        "samples_per_round": 384,
+        "batch_size": 8,
+        "encoding": "fp32",
+        "report_every_seconds": 0.1,
+        "sync_horizon_seconds": 0.5,
+        "round_deadline_seconds": 60.0,
+        "eval_batches": 4,
+        "output_dir": str(tmp / "runs" / name),
+        "model": {"kind": "builtin", "name": "gpt", "options": TINY},
+        "inner": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0, "schedule": "constant"},
+        "trainers": {"min": 1, "target": 3, "grace_seconds": 60.0, "resources": {"cpu": 1.0, "memory": 1.0}},
+        "parameter_server": {
+            "executor": "parameter-server",
+            "min": 1,
+            "target": 1,
+            "resources": {"cpu": 1.0, "memory": 1.0},
+        },
+        **overrides,
+    }
+    return load_job(write_toml(tmp / f"{name}.toml", doc))
+
+
+def dataset(tmp: Path) -> Path:
+    from hypha.data.prepare import prepare_builtin
+
+    out = tmp / "tiny-text"
+    prepare_builtin(out, name="tiny-text", max_samples=1280, seq_len=32, slice_samples=40)
+    return out
+
+
+EXECUTORS = [
+    {
+        "class": "train",
+        "name": "diloco",
+        "cmd": __import__("sys").executable,
+        "args": ["-m", "hypha.training.trainer"],
+    },
+    {"class": "aggregate", "name": "parameter-server", "runtime": "aggregate"},
+]
+
+
+@asynccontextmanager
+async def network(pki: Pki, tmp: Path, throttles: list[float] | None = None) -> AsyncIterator[str]:
+    data_dir = dataset(tmp)
+    async with open_test_node(pki, "gw", "gateway", relay_hop=True) as gw, trio.open_nursery() as nursery:
+        addr = gw.listen_addrs()[0]
+        data_cfg = DataConfig(
+            **{
+                **pki_keys(pki, "data", "data"),
+                "gateway_addresses": [addr],
+                "relay_circuit": False,
+                "dataset_path": [data_dir],
+            }
+        )
+        await nursery.start(lambda task_status: run_data_node(data_cfg, task_status=task_status))
+        throttles = throttles or [1.0, 1.0, 1.0]
+        # The parameter-server worker is the cheapest whole-machine offer; trainers follow.
+        for i, throttle in enumerate([1.0, *throttles]):
+            config = worker_config(
+                pki,
+                f"w{i}",
+                addr,
+                tmp,
+                price=1.0 + i,
+                executors=EXECUTORS,
+                throttle=throttle,
+                kill_grace_seconds=2.0,
+            )
+            await nursery.start(lambda task_status, c=config: run_worker(c, task_status=task_status))
+        yield addr
+        nursery.cancel_scope.cancel()
+
+
+def pki_keys(pki: Pki, name: str, role: str) -> dict[str, Any]:
+    tls = pki.node(name, role)
+    return {"cert_pem": tls.cert, "key_pem": tls.key, "trust_pem": tls.trust, "crls_pem": tls.crls}
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+async def run_job(pki: Pki, addr: str, job: JobSpec, name: str) -> list[dict[str, Any]]:
+    config = scheduler_config(pki, name, addr, lease_seconds=10.0, offer_deadline_seconds=1.0)
+    with trio.fail_after(240):
+        await run_scheduler(config, job)
+    return read_metrics(job.out)
+
+
+def check_identical_weights(lines: list[dict[str, Any]]) -> None:
+    digests: dict[int, set[float]] = defaultdict(set)
+    for line in lines:
+        if line["worker"] != "global" and "param_digest" in line:
+            digests[line["round"]].add(line["param_digest"])
+    assert digests, "trainers reported no weight digests"
+    for round_, values in digests.items():
+        assert len(values) == 1, f"trainers hold different weights after round {round_}"
+
+
+async def test_diloco_converges_identical_weights_and_encodings(pki: Pki, tmp_path: Path) -> None:
+    finals: dict[str, float] = {}
+    async with network(pki, tmp_path) as addr:
+        for encoding in ("fp32", "fp16", "int8"):
+            job = job_spec(tmp_path, f"job-{encoding}", encoding=encoding)
+            lines = await run_job(pki, addr, job, f"sched-{encoding}")
+            global_lines = [line for line in lines if line["worker"] == "global"]
+            assert [line["round"] for line in global_lines] == list(range(job.rounds))
+            assert all(line["num_updates"] == 3 for line in global_lines)
+            trainer_lines = [line for line in lines if line["worker"] != "global"]
+            assert all({"round", "worker", "loss"} <= line.keys() for line in trainer_lines)
+            check_identical_weights(lines)
+            first_inner = min(line["loss"] for line in trainer_lines if line["round"] == 0)
+            final = global_lines[-1]["loss"]
+            # Untrained byte-level loss is ln(256) = 5.5; training must clearly reduce it.
+            assert final < 0.75 * math.log(256), (encoding, final)
+            assert final < first_inner
+            finals[encoding] = final
+            for artifact in ("model.safetensors", "loss.png", "report.html", "metrics.jsonl"):
+                assert (job.out / artifact).exists()
+            if encoding == "fp32":
+                check_final_model(job, tmp_path, final)
+    assert abs(finals["fp16"] - finals["fp32"]) <= 0.05 * finals["fp32"], finals
+    assert abs(finals["int8"] - finals["fp32"]) <= 0.05 * finals["fp32"], finals
+
+
+def check_final_model(job: JobSpec, tmp: Path, final_loss: float) -> None:
+    from safetensors.torch import load_file
+
+    from hypha.data.manifest import load_manifest, slice_path
+    from hypha.training.diloco import evaluate, iter_batches, load_params
+    from hypha.training.models import build_model
+
+    model = build_model("gpt", TINY, seed=123)
+    load_params(model, load_file(str(job.out / "model.safetensors")))
+    manifest = load_manifest(tmp / "tiny-text")
+    held_out = load_file(str(slice_path(tmp / "tiny-text", manifest.num_slices - 1)))
+    loss = evaluate(model, list(iter_batches(held_out, job.batch_size, seed=0))[: job.eval_batches])
+    assert loss == pytest.approx(final_loss, rel=1e-4)
+
+
+async def test_straggler_gets_fewer_batches_and_rounds_do_not_stall(pki: Pki, tmp_path: Path) -> None:
+    async with network(pki, tmp_path, throttles=[1.0, 1.0, 4.0]) as addr:
+        job = job_spec(tmp_path, "straggler", rounds=3, samples_per_round=480)
+        lines = await run_job(pki, addr, job, "sched")
+    per_worker: dict[str, list[float]] = defaultdict(list)
+    for line in lines:
+        if line["worker"] != "global" and line["round"] >= 1:
+            per_worker[line["worker"]].append(line["batches"] * line["seconds_per_batch"])
+    speeds = {w: [line["seconds_per_batch"] for line in lines if line["worker"] == w] for w in per_worker}
+    slow = max(speeds, key=lambda w: sum(speeds[w]) / len(speeds[w]))
+    batches = {
+        w: sum(line["batches"] for line in lines if line["worker"] == w and line["round"] >= 1)
+        for w in per_worker
+    }
+    fast = [b for w, b in batches.items() if w != slow]
+    assert batches[slow] < 0.6 * min(fast), batches
+    # Compute time per round is balanced: the slow trainer is not asked for the same work.
+    assert len([line for line in lines if line["worker"] == "global"]) == 3
