@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -14,11 +13,8 @@ import pytest
 import trio
 
 from hypha.config.job import JobSpec, load_job
-from hypha.config.schema import DataConfig
-from hypha.datanode.node import run_data_node
-from hypha.scheduler.node import run_scheduler
-from hypha.testing.cluster import Pki, open_test_node, scheduler_config, worker_config, write_toml
-from hypha.worker import run_worker
+from hypha.testing.cluster import Pki, write_toml
+from hypha.testing.network import open_training_network, run_training_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -60,63 +56,15 @@ def dataset(tmp: Path) -> Path:
     return out
 
 
-EXECUTORS = [
-    {
-        "class": "train",
-        "name": "diloco",
-        "cmd": __import__("sys").executable,
-        "args": ["-m", "hypha.training.trainer"],
-    },
-    {"class": "aggregate", "name": "parameter-server", "runtime": "aggregate"},
-]
-
-
 @asynccontextmanager
 async def network(pki: Pki, tmp: Path, throttles: list[float] | None = None) -> AsyncIterator[str]:
-    data_dir = dataset(tmp)
-    async with open_test_node(pki, "gw", "gateway", relay_hop=True) as gw, trio.open_nursery() as nursery:
-        addr = gw.listen_addrs()[0]
-        data_cfg = DataConfig(
-            **{
-                **pki_keys(pki, "data", "data"),
-                "gateway_addresses": [addr],
-                "relay_circuit": False,
-                "dataset_path": [data_dir],
-            }
-        )
-        await nursery.start(lambda task_status: run_data_node(data_cfg, task_status=task_status))
-        throttles = throttles or [1.0, 1.0, 1.0]
-        # The parameter-server worker is the cheapest whole-machine offer; trainers follow.
-        for i, throttle in enumerate([1.0, *throttles]):
-            config = worker_config(
-                pki,
-                f"w{i}",
-                addr,
-                tmp,
-                price=1.0 + i,
-                executors=EXECUTORS,
-                throttle=throttle,
-                kill_grace_seconds=2.0,
-            )
-            await nursery.start(lambda task_status, c=config: run_worker(c, task_status=task_status))
+    async with open_training_network(pki, tmp, dataset(tmp), throttles or [1.0, 1.0, 1.0]) as addr:
         yield addr
-        nursery.cancel_scope.cancel()
-
-
-def pki_keys(pki: Pki, name: str, role: str) -> dict[str, Any]:
-    tls = pki.node(name, role)
-    return {"cert_pem": tls.cert, "key_pem": tls.key, "trust_pem": tls.trust, "crls_pem": tls.crls}
-
-
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 async def run_job(pki: Pki, addr: str, job: JobSpec, name: str) -> list[dict[str, Any]]:
-    config = scheduler_config(pki, name, addr, lease_seconds=10.0, offer_deadline_seconds=1.0)
     with trio.fail_after(240):
-        await run_scheduler(config, job)
-    return read_metrics(job.out)
+        return await run_training_job(pki, addr, job, name)
 
 
 def check_identical_weights(lines: list[dict[str, Any]]) -> None:

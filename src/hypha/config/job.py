@@ -104,6 +104,9 @@ class JobSpec:
         120.0,
     )
     eval_batches: int = doc("Held-out batches the parameter server evaluates per round.", 4)
+    fixed_inner_steps: int | None = doc(
+        "Baseline mode: every trainer runs exactly this many batches per round (no planner).", None
+    )
     model: ModelSection = doc("The model.", default_factory=ModelSection)
     inner: InnerSection = doc("Inner optimizer.", default_factory=InnerSection)
     outer: OuterSection = doc("Outer optimizer.", default_factory=OuterSection)

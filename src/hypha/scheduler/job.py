@@ -106,6 +106,8 @@ class JobDriver:
         node.rpc.register(m.TensorPushRequest, self._final_model, roles={"worker"})
         self._round_closed_event = trio.Event()
         self._adding: set[str] = set()
+        self._fixed_done: dict[tuple[str, int], int] = {}
+        self._fixed_told: set[tuple[str, int]] = set()
 
     # --- documents ------------------------------------------------------------------------
 
@@ -254,6 +256,8 @@ class JobDriver:
             self.recorder.batches(peer, event, now)
             if peer not in self.trainers or event.round != self.round:
                 return m.Continue()
+            if self.job.fixed_inner_steps is not None:
+                return self._fixed_sync(peer, event)
             batches = self.planner.on_batches(peer, event.batches, event.samples, event.seconds, now)
             if batches is not None:
                 self.recorder.event(peer, "sync_planned", self.round, batches=batches)
@@ -267,6 +271,16 @@ class JobDriver:
             return m.Done() if event.round + 1 >= self.job.rounds else m.Continue()
         self.recorder.metrics(peer, event.round, event.values)
         return m.Continue()
+
+    def _fixed_sync(self, peer: str, event: m.BatchesDone) -> m.Msg:
+        """Fixed-H baseline: every trainer runs the same number of batches each round."""
+        done = self._fixed_done.get((peer, self.round), 0) + event.batches
+        self._fixed_done[(peer, self.round)] = done
+        if (peer, self.round) in self._fixed_told:
+            return m.Continue()
+        self._fixed_told.add((peer, self.round))
+        assert self.job.fixed_inner_steps is not None
+        return m.SyncAfter(round=self.round, batches=max(0, self.job.fixed_inner_steps - done))
 
     def _mark_used(self, worker: str, index: int) -> None:
         try:

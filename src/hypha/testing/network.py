@@ -1,0 +1,75 @@
+"""A whole training network in one trio run, for tests and benchmarks.
+
+Owns starting a gateway, a data node serving one prepared dataset, one parameter-server
+worker and N trainer workers (each optionally throttled), all real nodes on 127.0.0.1 in
+this process (trainers still run as child processes), and running one job's scheduler on it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hypha.config.job import JobSpec
+from hypha.config.schema import DataConfig
+from hypha.datanode.node import run_data_node
+from hypha.scheduler.node import run_scheduler
+from hypha.testing.cluster import Pki, open_test_node, scheduler_config, worker_config
+from hypha.worker import run_worker
+
+EXECUTORS: list[dict[str, Any]] = [
+    {"class": "train", "name": "diloco", "cmd": sys.executable, "args": ["-m", "hypha.training.trainer"]},
+    {"class": "aggregate", "name": "parameter-server", "runtime": "aggregate"},
+]
+
+
+@asynccontextmanager
+async def open_training_network(
+    pki: Pki, tmp: Path, dataset_dir: Path, throttles: Sequence[float] = (1.0, 1.0, 1.0)
+) -> AsyncIterator[str]:
+    """Start the network; yields the gateway's address. Worker 0 is the cheapest (the PS)."""
+    async with open_test_node(pki, "gw", "gateway", relay_hop=True) as gw, trio.open_nursery() as nursery:
+        addr = gw.listen_addrs()[0]
+        tls = pki.node("data", "data")
+        data_cfg = DataConfig(
+            cert_pem=tls.cert,
+            key_pem=tls.key,
+            trust_pem=tls.trust,
+            crls_pem=tls.crls,
+            gateway_addresses=[addr],
+            relay_circuit=False,
+            dataset_path=[dataset_dir],
+        )
+        await nursery.start(lambda task_status: run_data_node(data_cfg, task_status=task_status))
+        for i, throttle in enumerate([1.0, *throttles]):
+            config = worker_config(
+                pki,
+                f"w{i}",
+                addr,
+                tmp,
+                price=1.0 + i,
+                executors=EXECUTORS,
+                throttle=throttle,
+                kill_grace_seconds=2.0,
+            )
+            await nursery.start(lambda task_status, c=config: run_worker(c, task_status=task_status))
+        yield addr
+        nursery.cancel_scope.cancel()
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """The job's metrics.jsonl as a list of dicts."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+async def run_training_job(pki: Pki, addr: str, job: JobSpec, name: str) -> list[dict[str, Any]]:
+    """Run ``job`` with a fresh scheduler on the network; return its metrics lines."""
+    config = scheduler_config(pki, name, addr, lease_seconds=10.0, offer_deadline_seconds=1.0)
+    await run_scheduler(config, job)
+    return read_metrics(job.out)
