@@ -1,0 +1,448 @@
+"""Benchmark: DiLoCo on Hypha against DistributedDataParallel, at an equal token budget.
+
+The same model (built-in byte-level GPT), data (the built-in stdlib corpus, slices written
+once), seed, inner AdamW settings, worker count and number of samples are trained twice in
+one run:
+
+- ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` over gloo on 127.0.0.1, one process
+  per worker; rank r trains on slices r, r + N, ... (the held-out last slice excluded), with
+  the trainer's batch order. A DDP communication hook wraps the default allreduce and counts
+  each bucket's bytes. A ring allreduce of B bytes sends and receives 2 (N - 1) / N x B per
+  worker; the headline uses that estimate (sent + received). Each rank also reads its own
+  ``/proc/self/io`` around the training loop (data is in memory by then), which counts the
+  gloo socket reads and writes: a measured cross-check of the estimate.
+- ``diloco``: Hypha's real network (gateway, data node, parameter server and N trainer
+  processes, ``hypha.testing.network``) with ``fixed_inner_steps = H``; bytes per worker are
+  each trainer's ``bytes_sent + bytes_received`` summed over rounds (the update it sends and
+  the weights it gets back), averaged over trainers.
+
+Both report the loss on the first ``eval_batches`` batches of the held-out slice (the
+parameter server's evaluation). Data loading is not counted on either side.
+
+    python bench/diloco_vs_ddp.py [--inner-steps 50] [--rounds 6] [--encodings fp16 int8]
+
+Writes ``bench/results/diloco_vs_ddp.json``; headline: DDP bytes per worker over DiLoCo bytes
+per worker (goal >= 100, with the final held-out losses within 5%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import trio
+from safetensors.torch import load_file
+from torch import Tensor
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from hypha.config.job import JobSpec, load_job
+from hypha.data.manifest import load_manifest, slice_path
+from hypha.data.prepare import prepare_builtin
+from hypha.testing.cluster import Pki, write_toml
+from hypha.testing.network import open_training_network, run_training_job
+from hypha.training.diloco import cosine_lr, evaluate, iter_batches
+from hypha.training.models import build_model
+
+RESULTS = Path(__file__).resolve().parent / "results" / "diloco_vs_ddp.json"
+DATASET = "bench-text"
+LOSS_TOLERANCE = 0.05
+GOAL_RATIO = 100.0
+JOB_LIMIT_SECONDS = 240.0
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything both runs share."""
+
+    num_workers: int = 3
+    inner_steps: int = 50
+    rounds: int = 6
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    seed: int = 0
+    eval_batches: int = 8
+    max_samples: int = 16384
+    seq_len: int = 64
+    slice_samples: int = 128
+    options: dict[str, int] = field(
+        default_factory=lambda: {"dim": 64, "num_layers": 2, "num_heads": 4, "seq_len": 64}
+    )
+
+    @property
+    def steps_per_worker(self) -> int:
+        return self.rounds * self.inner_steps
+
+    @property
+    def samples_per_round(self) -> int:
+        return self.num_workers * self.inner_steps * self.batch_size
+
+    @property
+    def total_samples(self) -> int:
+        return self.rounds * self.samples_per_round
+
+
+# --- DDP ---------------------------------------------------------------------------------
+
+
+def proc_io() -> dict[str, int]:
+    """rchar/wchar of this process (all threads): bytes through read/write system calls."""
+    try:
+        lines = Path("/proc/self/io").read_text().splitlines()
+    except OSError:
+        return {}
+    pairs = (line.split(":") for line in lines)
+    return {key.strip(): int(value) for key, value in pairs if key.strip() in ("rchar", "wchar")}
+
+
+def counting_allreduce(state: dict[str, int], bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """DDP's default allreduce (mean over ranks), counting the bucket's bytes first."""
+    buffer = bucket.buffer()  # [numel] flattened gradients of the bucket
+    state["bytes"] += buffer.numel() * buffer.element_size()
+    state["calls"] += 1
+    return default_hooks.allreduce_hook(dist.group.WORLD, bucket)  # type: ignore[arg-type]
+
+
+# DDP checks the hook's annotations as objects; ``from __future__ import annotations`` made
+# them strings.
+counting_allreduce.__annotations__.update({"bucket": dist.GradBucket, "return": torch.futures.Future[Tensor]})
+
+
+def training_slices(dataset_dir: Path) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+    """Every slice but the last (training), and the last (held out), as in a Hypha job."""
+    manifest = load_manifest(dataset_dir)
+    slices = [load_file(str(slice_path(dataset_dir, i))) for i in range(manifest.num_slices)]
+    return slices[:-1], slices[-1]
+
+
+def shard_batches(
+    slices: list[dict[str, Tensor]], rank: int, setup: Setup, num_batches: int
+) -> list[dict[str, Tensor]]:
+    """Rank ``rank``'s first ``num_batches`` batches: slices rank, rank + N, ..., epoch after epoch."""
+    out: list[dict[str, Tensor]] = []
+    for epoch in range(1 + num_batches * setup.batch_size // setup.slice_samples):
+        for index in range(rank, len(slices), setup.num_workers):
+            seed = setup.seed + 1_000_003 * epoch + index  # the trainer's order of a slice
+            for batch in iter_batches(slices[index], setup.batch_size, seed=seed):
+                out.append(batch)
+                if len(out) == num_batches:
+                    return out
+    raise ValueError("not enough data for the DDP run")
+
+
+def ddp_rank(rank: int, setup: Setup, port: int, out_dir: Path) -> None:
+    """One DDP worker: train ``steps_per_worker`` steps, write its numbers to ``out_dir``."""
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=setup.num_workers
+    )
+    try:
+        slices, held_out = training_slices(Path(out_dir) / DATASET)
+        batches = shard_batches(slices, rank, setup, setup.steps_per_worker)
+        eval_batches = list(iter_batches(held_out, setup.batch_size, seed=0))[: setup.eval_batches]
+        model = build_model("gpt", setup.options, seed=setup.seed)
+        ddp = DistributedDataParallel(model)
+        counter = {"bytes": 0, "calls": 0}
+        ddp.register_comm_hook(counter, counting_allreduce)
+        optimizer = torch.optim.AdamW(
+            ddp.parameters(), lr=setup.lr, betas=(0.9, 0.95), weight_decay=setup.weight_decay
+        )
+        evals: list[float] = []
+        dist.barrier()
+        io_before, started = proc_io(), time.perf_counter()
+        for step, batch in enumerate(batches):
+            lr = setup.lr
+            if setup.schedule == "cosine":
+                lr = cosine_lr(step, setup.steps_per_worker, setup.warmup_steps, setup.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ids = batch["input_ids"].long()  # [B, T]
+            _, loss = ddp(ids, ids)  # [] mean next-token loss; backward allreduces the grads
+            optimizer.zero_grad(set_to_none=True)
+            assert loss is not None
+            loss.backward()
+            optimizer.step()
+            if rank == 0 and (step + 1) % setup.inner_steps == 0:
+                evals.append(evaluate(model, eval_batches))
+        dist.barrier()
+        wall_seconds, io_after = time.perf_counter() - started, proc_io()
+        io = {key: io_after[key] - io_before[key] for key in io_after}
+        result = {"rank": rank, "wall_seconds": wall_seconds, "evals": evals, "io": io, **counter}
+        (Path(out_dir) / f"ddp-rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_ddp(setup: Setup, tmp: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    mp.start_processes(
+        ddp_rank, args=(setup, free_port(), tmp), nprocs=setup.num_workers, start_method="spawn"
+    )
+    ranks = [json.loads((tmp / f"ddp-rank{r}.json").read_text()) for r in range(setup.num_workers)]
+    n = setup.num_workers
+    grad_bytes = sum(r["bytes"] for r in ranks) / n  # each rank allreduces the same buckets
+    ring_sent = 2 * (n - 1) / n * grad_bytes
+    measured = [r["io"].get("rchar", 0) + r["io"].get("wchar", 0) for r in ranks]
+    return {
+        "name": "ddp",
+        "final_loss": ranks[0]["evals"][-1],
+        "loss_per_round": ranks[0]["evals"],
+        "gradient_bytes_per_worker": grad_bytes,
+        "gradient_bytes_per_step": grad_bytes / setup.steps_per_worker,
+        "allreduce_calls_per_worker": ranks[0]["calls"],
+        "ring_bytes_sent_per_worker": ring_sent,
+        "ring_bytes_sent_plus_received_per_worker": 2 * ring_sent,
+        "measured_socket_io_bytes_per_worker": sum(measured) / n,
+        "train_seconds": max(r["wall_seconds"] for r in ranks),
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+# --- DiLoCo on Hypha ---------------------------------------------------------------------
+
+
+def job_spec(setup: Setup, tmp: Path, encoding: str) -> JobSpec:
+    name = f"diloco-{encoding}"
+    doc: dict[str, Any] = {
+        "name": name,
+        "dataset": DATASET,
+        "rounds": setup.rounds,
+        "samples_per_round": setup.samples_per_round,
+        "batch_size": setup.batch_size,
+        "seed": setup.seed,
+        "encoding": encoding,
+        "fixed_inner_steps": setup.inner_steps,
+        "report_every_seconds": 0.5,
+        "sync_horizon_seconds": 1.0,
+        "round_deadline_seconds": 60.0,
+        "eval_batches": setup.eval_batches,
+        "output_dir": str(tmp / "runs" / name),
+        "model": {"kind": "builtin", "name": "gpt", "options": setup.options},
+        "inner": {
+            "lr": setup.lr,
+            "warmup_steps": setup.warmup_steps,
+            "weight_decay": setup.weight_decay,
+            "schedule": setup.schedule,
+        },
+        "outer": {"lr": setup.outer_lr, "momentum": setup.outer_momentum},
+        "trainers": {
+            "min": setup.num_workers,
+            "target": setup.num_workers,
+            "grace_seconds": 60.0,
+            "resources": {"cpu": 1.0, "memory": 1.0},
+        },
+        "parameter_server": {
+            "executor": "parameter-server",
+            "min": 1,
+            "target": 1,
+            "resources": {"cpu": 1.0, "memory": 1.0},
+        },
+    }
+    return load_job(write_toml(tmp / f"{name}.toml", doc))
+
+
+def summarise_diloco(setup: Setup, encoding: str, lines: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    global_lines = sorted((x for x in lines if x["worker"] == "global"), key=lambda x: x["round"])
+    trainer_lines = [x for x in lines if x["worker"] != "global"]
+    per_trainer: dict[str, dict[str, float]] = {}
+    for line in trainer_lines:
+        acc = per_trainer.setdefault(line["worker"], {"sent": 0.0, "received": 0.0, "samples": 0.0})
+        acc["sent"] += line.get("bytes_sent", 0.0)
+        acc["received"] += line.get("bytes_received", 0.0)
+        acc["samples"] += line.get("samples", 0.0)
+    num = max(1, len(per_trainer))
+    sent = sum(t["sent"] for t in per_trainer.values()) / num
+    received = sum(t["received"] for t in per_trainer.values()) / num
+    samples = sum(t["samples"] for t in per_trainer.values())
+    return {
+        "name": f"diloco_{encoding}",
+        "encoding": encoding,
+        "inner_steps": setup.inner_steps,
+        "final_loss": global_lines[-1]["loss"] if global_lines else None,
+        "loss_per_round": [x["loss"] for x in global_lines],
+        "updates_per_round": [x.get("num_updates") for x in global_lines],
+        "num_trainers": len(per_trainer),
+        "samples_trained": samples,
+        "bytes_sent_per_worker": sent,
+        "bytes_received_per_worker": received,
+        "bytes_per_worker": sent + received,
+        "wall_seconds": seconds,
+    }
+
+
+async def run_diloco(setup: Setup, tmp: Path, encodings: list[str]) -> list[dict[str, Any]]:
+    pki = Pki.create(tmp / "pki")
+    out = []
+    async with open_training_network(pki, tmp, tmp / DATASET, [1.0] * setup.num_workers) as addr:
+        for encoding in encodings:
+            job = job_spec(setup, tmp, encoding)
+            started = time.perf_counter()
+            with trio.fail_after(JOB_LIMIT_SECONDS):
+                lines = await run_training_job(pki, addr, job, f"sched-{encoding}")
+            out.append(summarise_diloco(setup, encoding, lines, time.perf_counter() - started))
+    return out
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.platform()} / {cpu} / {os.cpu_count()} cores"
+
+
+def compare(ddp: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """Add, to each DiLoCo run, its ratios against DDP and the loss comparison."""
+    for run in runs:
+        run["ratio_sent_plus_received"] = ddp["ring_bytes_sent_plus_received_per_worker"] / run["bytes_per_worker"]
+        run["ratio_sent_only"] = ddp["ring_bytes_sent_per_worker"] / run["bytes_sent_per_worker"]
+        run["ratio_raw_gradient_bytes"] = ddp["gradient_bytes_per_worker"] / run["bytes_per_worker"]
+        run["loss_relative_to_ddp"] = (run["final_loss"] - ddp["final_loss"]) / ddp["final_loss"]
+        run["loss_within_tolerance"] = abs(run["loss_relative_to_ddp"]) <= LOSS_TOLERANCE
+
+
+def build_summary(setup: Setup, ddp: dict[str, Any], runs: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    compare(ddp, runs)
+    ok = [r for r in runs if r["loss_within_tolerance"]]
+    best = max(ok or runs, key=lambda r: r["ratio_sent_plus_received"])
+    return {
+        "benchmark": "diloco_vs_ddp",
+        "machine": machine(),
+        "params": {
+            **{k: v for k, v in asdict(setup).items()},
+            "steps_per_worker": setup.steps_per_worker,
+            "total_samples": setup.total_samples,
+            "total_tokens": setup.total_samples * setup.seq_len,
+            "optimizer": "AdamW betas (0.9, 0.95), the trainer's cosine_lr schedule, same on both sides",
+            "ddp": "gloo on 127.0.0.1, one process per worker, default bucketing, allreduce comm hook",
+            "ddp_bytes": "ring estimate: a worker sends and receives 2 (N - 1) / N of each allreduced "
+            "bucket; measured_socket_io is the change of rchar + wchar in /proc/self/io",
+            "diloco": "Hypha network in-process (trainers are child processes), fixed_inner_steps = H, "
+            "outer Nesterov on the parameter server; bytes = trainers' bytes_sent + bytes_received",
+            "diloco_weights_encoding": "the parameter server sends weights in fp16 for fp16 and int8 jobs",
+            "loss": f"held-out last slice, first {setup.eval_batches} batches (seed 0), after the last step",
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "wall_seconds": round(wall, 1),
+        },
+        "results": [ddp, *runs],
+        "headline": {
+            "metric": f"ddp_over_diloco_bytes_per_worker_H{setup.inner_steps}_{best['encoding']}",
+            "unit": "x",
+            "value": best["ratio_sent_plus_received"],
+            "baseline": "DDP ring allreduce bytes (sent + received) per worker, same token budget",
+            "baseline_value": ddp["ring_bytes_sent_plus_received_per_worker"],
+            "ratio": best["ratio_sent_plus_received"],
+            "goal": GOAL_RATIO,
+            "diloco_bytes_per_worker": best["bytes_per_worker"],
+            "ddp_final_loss": ddp["final_loss"],
+            "diloco_final_loss": best["final_loss"],
+            "loss_relative_to_ddp": best["loss_relative_to_ddp"],
+            "loss_goal": f"within {LOSS_TOLERANCE:.0%} of DDP",
+        },
+    }
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    p = summary["params"]
+    print(
+        f"N={p['num_workers']} H={p['inner_steps']} rounds={p['rounds']} batch={p['batch_size']} "
+        f"samples={p['total_samples']} tokens={p['total_tokens']} lr={p['lr']}"
+    )
+    print(f"{'run':<12} {'final loss':>10} {'vs ddp':>8} {'MB/worker':>10} {'MB sent':>8} {'ratio':>7} {'s':>6}")
+    for r in summary["results"]:
+        if r["name"] == "ddp":
+            mb, sent, ratio, rel = (
+                r["ring_bytes_sent_plus_received_per_worker"],
+                r["ring_bytes_sent_per_worker"],
+                1.0,
+                0.0,
+            )
+        else:
+            mb, sent, ratio, rel = (
+                r["bytes_per_worker"],
+                r["bytes_sent_per_worker"],
+                r["ratio_sent_plus_received"],
+                r["loss_relative_to_ddp"],
+            )
+        print(
+            f"{r['name']:<12} {r['final_loss']:>10.4f} {rel:>+8.2%} {mb / 1e6:>10.3f} {sent / 1e6:>8.3f} "
+            f"{ratio:>7.1f} {r['wall_seconds']:>6.1f}"
+        )
+    ddp = summary["results"][0]
+    print(
+        f"ddp: {ddp['gradient_bytes_per_step'] / 1e6:.3f} MB of gradients per step, "
+        f"{ddp['gradient_bytes_per_worker'] / 1e6:.1f} MB raw per worker, measured socket io "
+        f"{ddp['measured_socket_io_bytes_per_worker'] / 1e6:.1f} MB per worker"
+    )
+    h = summary["headline"]
+    print(
+        f"headline {h['metric']}: {h['value']:.1f}x (goal >= {h['goal']:.0f}x), loss "
+        f"{h['diloco_final_loss']:.4f} vs DDP {h['ddp_final_loss']:.4f} ({h['loss_relative_to_ddp']:+.2%})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--inner-steps", type=int, default=Setup.inner_steps, help="H")
+    parser.add_argument("--rounds", type=int, default=Setup.rounds)
+    parser.add_argument("--lr", type=float, default=Setup.lr)
+    parser.add_argument("--encodings", nargs="+", default=["fp16", "int8"], choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.inner_steps <= 0 or args.rounds <= 0:
+        parser.error("--inner-steps and --rounds must be positive")
+    torch.set_num_threads(1)
+    setup = Setup(inner_steps=args.inner_steps, rounds=args.rounds, lr=args.lr)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hypha-bench-") as name:
+        tmp = Path(name)
+        prepare_builtin(
+            tmp / DATASET,
+            name=DATASET,
+            max_samples=setup.max_samples,
+            seq_len=setup.seq_len,
+            slice_samples=setup.slice_samples,
+        )
+        ddp = run_ddp(setup, tmp)
+        print(f"ddp: final loss {ddp['final_loss']:.4f} in {ddp['wall_seconds']:.1f} s", flush=True)
+        runs = trio.run(run_diloco, setup, tmp, args.encodings)
+    summary = build_summary(setup, ddp, runs, time.perf_counter() - started)
+    print_table(summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
