@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -41,10 +42,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import trio
 from safetensors.torch import load_file
 from torch import Tensor
+from torch.distributed import GradBucket  # type: ignore[attr-defined]
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
@@ -61,6 +62,7 @@ DATASET = "bench-text"
 LOSS_TOLERANCE = 0.05
 GOAL_RATIO = 100.0
 JOB_LIMIT_SECONDS = 240.0
+DDP_LIMIT_SECONDS = 240.0
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def proc_io() -> dict[str, int]:
     return {key.strip(): int(value) for key, value in pairs if key.strip() in ("rchar", "wchar")}
 
 
-def counting_allreduce(state: dict[str, int], bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+def counting_allreduce(state: dict[str, int], bucket: GradBucket) -> torch.futures.Future[Tensor]:
     """DDP's default allreduce (mean over ranks), counting the bucket's bytes first."""
     buffer = bucket.buffer()  # [numel] flattened gradients of the bucket
     state["bytes"] += buffer.numel() * buffer.element_size()
@@ -122,7 +124,7 @@ def counting_allreduce(state: dict[str, int], bucket: dist.GradBucket) -> torch.
 
 # DDP checks the hook's annotations as objects; ``from __future__ import annotations`` made
 # them strings.
-counting_allreduce.__annotations__.update({"bucket": dist.GradBucket, "return": torch.futures.Future[Tensor]})
+counting_allreduce.__annotations__.update({"bucket": GradBucket, "return": torch.futures.Future[Tensor]})
 
 
 def training_slices(dataset_dir: Path) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
@@ -198,25 +200,42 @@ def free_port() -> int:
 
 
 def run_ddp(setup: Setup, tmp: Path) -> dict[str, Any]:
+    """Run the DDP ranks as spawned processes (bounded by ``DDP_LIMIT_SECONDS``); summarise."""
     started = time.perf_counter()
-    mp.start_processes(
-        ddp_rank, args=(setup, free_port(), tmp), nprocs=setup.num_workers, start_method="spawn"
-    )
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    processes = [
+        context.Process(target=ddp_rank, args=(rank, setup, port, tmp), name=f"ddp-rank{rank}")
+        for rank in range(setup.num_workers)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + DDP_LIMIT_SECONDS
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    codes = [process.exitcode for process in processes]
+    if any(code != 0 for code in codes):
+        raise RuntimeError(f"DDP ranks exited with {codes} (limit {DDP_LIMIT_SECONDS} s)")
     ranks = [json.loads((tmp / f"ddp-rank{r}.json").read_text()) for r in range(setup.num_workers)]
     n = setup.num_workers
     grad_bytes = sum(r["bytes"] for r in ranks) / n  # each rank allreduces the same buckets
     ring_sent = 2 * (n - 1) / n * grad_bytes
-    measured = [r["io"].get("rchar", 0) + r["io"].get("wchar", 0) for r in ranks]
     return {
         "name": "ddp",
         "final_loss": ranks[0]["evals"][-1],
         "loss_per_round": ranks[0]["evals"],
+        "samples_trained": setup.total_samples,
         "gradient_bytes_per_worker": grad_bytes,
         "gradient_bytes_per_step": grad_bytes / setup.steps_per_worker,
         "allreduce_calls_per_worker": ranks[0]["calls"],
         "ring_bytes_sent_per_worker": ring_sent,
         "ring_bytes_sent_plus_received_per_worker": 2 * ring_sent,
-        "measured_socket_io_bytes_per_worker": sum(measured) / n,
+        "measured_wchar_bytes_per_worker": sum(r["io"].get("wchar", 0) for r in ranks) / n,
+        "measured_rchar_bytes_per_worker": sum(r["io"].get("rchar", 0) for r in ranks) / n,
         "train_seconds": max(r["wall_seconds"] for r in ranks),
         "wall_seconds": time.perf_counter() - started,
     }
@@ -265,7 +284,9 @@ def job_spec(setup: Setup, tmp: Path, encoding: str) -> JobSpec:
     return load_job(write_toml(tmp / f"{name}.toml", doc))
 
 
-def summarise_diloco(setup: Setup, encoding: str, lines: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def summarise_diloco(
+    setup: Setup, encoding: str, lines: list[dict[str, Any]], seconds: float
+) -> dict[str, Any]:
     global_lines = sorted((x for x in lines if x["worker"] == "global"), key=lambda x: x["round"])
     trainer_lines = [x for x in lines if x["worker"] != "global"]
     per_trainer: dict[str, dict[str, float]] = {}
@@ -323,14 +344,18 @@ def machine() -> str:
 def compare(ddp: dict[str, Any], runs: list[dict[str, Any]]) -> None:
     """Add, to each DiLoCo run, its ratios against DDP and the loss comparison."""
     for run in runs:
-        run["ratio_sent_plus_received"] = ddp["ring_bytes_sent_plus_received_per_worker"] / run["bytes_per_worker"]
+        run["ratio_sent_plus_received"] = (
+            ddp["ring_bytes_sent_plus_received_per_worker"] / run["bytes_per_worker"]
+        )
         run["ratio_sent_only"] = ddp["ring_bytes_sent_per_worker"] / run["bytes_sent_per_worker"]
         run["ratio_raw_gradient_bytes"] = ddp["gradient_bytes_per_worker"] / run["bytes_per_worker"]
         run["loss_relative_to_ddp"] = (run["final_loss"] - ddp["final_loss"]) / ddp["final_loss"]
         run["loss_within_tolerance"] = abs(run["loss_relative_to_ddp"]) <= LOSS_TOLERANCE
 
 
-def build_summary(setup: Setup, ddp: dict[str, Any], runs: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+def build_summary(
+    setup: Setup, ddp: dict[str, Any], runs: list[dict[str, Any]], wall: float
+) -> dict[str, Any]:
     compare(ddp, runs)
     ok = [r for r in runs if r["loss_within_tolerance"]]
     best = max(ok or runs, key=lambda r: r["ratio_sent_plus_received"])
@@ -379,7 +404,9 @@ def print_table(summary: dict[str, Any]) -> None:
         f"N={p['num_workers']} H={p['inner_steps']} rounds={p['rounds']} batch={p['batch_size']} "
         f"samples={p['total_samples']} tokens={p['total_tokens']} lr={p['lr']}"
     )
-    print(f"{'run':<12} {'final loss':>10} {'vs ddp':>8} {'MB/worker':>10} {'MB sent':>8} {'ratio':>7} {'s':>6}")
+    print(
+        f"{'run':<12} {'final loss':>10} {'vs ddp':>8} {'MB/worker':>10} {'MB sent':>8} {'ratio':>7} {'s':>6}"
+    )
     for r in summary["results"]:
         if r["name"] == "ddp":
             mb, sent, ratio, rel = (
@@ -402,8 +429,9 @@ def print_table(summary: dict[str, Any]) -> None:
     ddp = summary["results"][0]
     print(
         f"ddp: {ddp['gradient_bytes_per_step'] / 1e6:.3f} MB of gradients per step, "
-        f"{ddp['gradient_bytes_per_worker'] / 1e6:.1f} MB raw per worker, measured socket io "
-        f"{ddp['measured_socket_io_bytes_per_worker'] / 1e6:.1f} MB per worker"
+        f"{ddp['gradient_bytes_per_worker'] / 1e6:.1f} MB raw per worker; /proc/self/io during "
+        f"training: wchar {ddp['measured_wchar_bytes_per_worker'] / 1e6:.1f} MB, rchar "
+        f"{ddp['measured_rchar_bytes_per_worker'] / 1e6:.1f} MB per worker"
     )
     h = summary["headline"]
     print(

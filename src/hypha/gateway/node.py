@@ -22,7 +22,8 @@ from hypha.protocol import messages as m
 logger = logging.getLogger(__name__)
 
 
-async def _serve(node: Node, nursery: trio.Nursery) -> Mapping[str, object] | None:
+async def serve_gateway(node: Node, nursery: trio.Nursery) -> Mapping[str, object] | None:
+    """Start the gateway's services on ``node`` (in ``nursery``)."""
     started = trio.Event()
 
     async def forward_adverts() -> None:
@@ -45,4 +46,4 @@ async def run_gateway(
 ) -> None:
     """Run a gateway until cancelled."""
     settings = settings_from_config("gateway", config)
-    await run_node(settings, _serve, ready_file=ready_file, task_status=task_status)
+    await run_node(settings, serve_gateway, ready_file=ready_file, task_status=task_status)

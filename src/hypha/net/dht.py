@@ -46,6 +46,16 @@ class Dht:
         except Exception as exc:
             logger.debug("DHT bootstrap: %s", exc)
 
+    async def find_peer_addresses(self, peer_id: str) -> list[str]:
+        """Addresses of ``peer_id`` known to the network (gateways learn them on connect)."""
+        from libp2p.peer.id import ID
+
+        try:
+            info = await self._dht.find_peer(ID.from_base58(peer_id))
+        except Exception as exc:
+            raise NetworkError(f"DHT find_peer {peer_id} failed: {exc}") from exc
+        return [str(a) for a in info.addrs] if info is not None else []
+
     async def put(self, key: str, record: Any) -> None:
         try:
             await self._dht.put_value(key, codec.encode_body(record))

@@ -154,6 +154,27 @@ class Node:
             )
         return text
 
+    def remember_addresses(self, peer_id: str, addresses: list[str]) -> None:
+        """Record addresses a peer announced (filtered by ``exclude_cidr``) for later dials."""
+        suffix = f"/p2p/{peer_id}"
+        good = []
+        for text in addresses:
+            if "/p2p-circuit" in text:
+                continue
+            try:
+                addr = multiaddr.Multiaddr(text.removesuffix(suffix))
+            except Exception:  # a malformed address from a peer is just ignored
+                continue
+            if self._allowed(addr):
+                good.append(addr)
+        if good:
+            self._host.get_peerstore().add_addrs(ID.from_base58(peer_id), good, 3600)
+
+    def _known_addrs(self, pid: ID) -> list[Any]:
+        if not _known(self._host, pid):
+            return []
+        return [a for a in self._host.get_peerstore().addrs(pid) if self._allowed(a)]
+
     def is_connected(self, peer_id: str) -> bool:
         return bool(self._host.get_network().get_connections(ID.from_base58(peer_id)))
 
@@ -162,11 +183,15 @@ class Node:
         pid = ID.from_base58(peer_id)
         if self.is_connected(peer_id):
             return
-        addrs = (
-            [a for a in self._host.get_peerstore().addrs(pid) if self._allowed(a)]
-            if _known(self._host, pid)
-            else []
-        )
+        addrs = self._known_addrs(pid)
+        if not addrs:
+            # Gateways learn every peer's addresses when it connects: ask the DHT.
+            with trio.move_on_after(self.settings.rpc_timeout_seconds / 2):
+                try:
+                    self.remember_addresses(peer_id, await self.dht.find_peer_addresses(peer_id))
+                except HyphaError as exc:
+                    logger.debug("DHT lookup of %s failed: %s", peer_id, exc)
+            addrs = self._known_addrs(pid)
         if addrs:
             try:
                 await self._host.connect(PeerInfo(pid, addrs))
@@ -382,5 +407,5 @@ async def _join_gateways(node: Node, host: Any, nursery: trio.Nursery) -> None:
                 logger.warning("relay reservation on %s failed: %s", info.peer_id, _leaf(exc))
     if not node._gateways:
         raise NetworkError("no gateway reachable: " + "; ".join(errors))
-    with trio.move_on_after(node.settings.rpc_timeout_seconds):
-        await node.dht.bootstrap()
+    # No routing-table refresh here: the gateways answer DHT queries (server mode), and a
+    # refresh makes every node dial dozens of others at start, quadratic in network size.

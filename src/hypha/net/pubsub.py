@@ -135,11 +135,14 @@ class Gossip:
 @asynccontextmanager
 async def open_gossip(host: Any, directory: PeerDirectory) -> AsyncIterator[Gossip]:
     """Start gossipsub and pubsub on ``host`` (before any dial) and yield a ``Gossip``."""
+    # Adverts must reach every worker promptly. Gateways are hubs with many directly
+    # connected peers; a wide mesh makes the gateway forward to all of them at once instead
+    # of leaving most to heartbeat gossip (seconds later, after offers have expired).
     router = GossipSub(
         protocols=[PROTOCOL_ID_V11],
-        degree=6,
+        degree=64,
         degree_low=4,
-        degree_high=12,
+        degree_high=128,
         heartbeat_interval=1,
         spam_protection_enabled=False,
         eclipse_protection_enabled=False,

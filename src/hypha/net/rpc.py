@@ -95,7 +95,14 @@ class RpcServer:
         *,
         roles: set[str] | None = None,
     ) -> None:
-        """Serve requests of type ``kind``; ``roles`` restricts who may send them."""
+        """Serve requests of type ``kind``; ``roles`` restricts who may send them.
+
+        Raises:
+            ValueError: ``kind`` already has a handler (two owners would steal each other's
+                requests silently).
+        """
+        if kind in self._routes:
+            raise ValueError(f"{kind.__name__} already has a handler on this node")
         self._routes[kind] = Route(handler, frozenset(roles) if roles is not None else None)
 
     async def _reject(self, stream: Stream, peer: str, code: str, detail: str) -> None:

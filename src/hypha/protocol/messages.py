@@ -85,6 +85,8 @@ class WorkerRequest(Msg, frozen=True, kw_only=True):
     executors: list[ExecutorDescriptor]
     bid: float
     expires_at: float
+    addresses: list[str] = msgspec.field(default_factory=list)
+    """The scheduler's multiaddrs, so workers can answer it directly."""
 
 
 class OfferRequest(Msg, frozen=True, kw_only=True):

@@ -60,6 +60,8 @@ class _Pending:
     peer: str
     decided: trio.Event = field(default_factory=trio.Event)
     accepted: bool = False
+    answered: bool = False
+    """The worker already got its answer (a timeout counts as rejected)."""
 
 
 @dataclass
@@ -117,6 +119,7 @@ class Allocator:
         # Answer before the worker's reservation lapses, whatever happens here.
         with trio.move_on_at(trio.current_time() + max(0.0, offer.expires_at - time.time())):
             await pending.decided.wait()
+        pending.answered = True
         return m.OfferDecision(
             lease_id=offer.lease_id,
             accepted=pending.accepted,
@@ -124,10 +127,10 @@ class Allocator:
         )
 
     def _rank(self, offers: list[_Pending], price: Price) -> list[_Pending]:
-        """Affordable offers, best (lowest price per weighted unit) first, one per worker."""
+        """Live affordable offers, best (lowest price per weighted unit) first, one per worker."""
         best: dict[str, tuple[float, _Pending]] = {}
         for p in offers:
-            if p.offer.price > price.max_price:
+            if p.offer.price > price.max_price or p.answered:
                 continue
             try:
                 score = price_per_unit(p.offer.price, Resources.from_spec(p.offer.resources), self._weights)
@@ -153,6 +156,7 @@ class Allocator:
             executors=list(spec.executors),
             bid=price.bid,
             expires_at=time.time() + self._deadline,
+            addresses=self._node.listen_addrs()[:4],
         )
         collector = _Collector(request)
         self._collectors[request.id] = collector
@@ -187,8 +191,15 @@ class Allocator:
         exclude: frozenset[str],
     ) -> None:
         while trio.current_time() < deadline:
-            enough = len([p for p in self._rank(collector.offers, price) if p.peer not in exclude]) >= count
+            ranked = [p for p in self._rank(collector.offers, price) if p.peer not in exclude]
+            enough = len(ranked) >= count
             until = min(deadline, collector.last_arrival + self._settle) if enough else deadline
+            if ranked:
+                # Decide while every offer we would take is still reserved for us.
+                earliest = min(p.offer.expires_at for p in ranked[:count]) - time.time() - 0.2
+                until = min(until, trio.current_time() + max(0.0, earliest))
+                if earliest <= 0:
+                    return
             if enough and trio.current_time() >= until:
                 return
             with trio.move_on_at(until):

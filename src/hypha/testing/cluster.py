@@ -196,8 +196,14 @@ async def open_test_node(
         relay_circuit=relay_circuit,
         rpc_timeout_seconds=rpc_timeout_seconds,
     )
-    async with open_node(settings) as node:
+    async with open_node(settings) as node, trio.open_nursery() as nursery:
+        if role == "gateway":
+            # Behave like a real gateway: be part of the advert topic's mesh.
+            from hypha.gateway.node import serve_gateway
+
+            await serve_gateway(node, nursery)
         yield node
+        nursery.cancel_scope.cancel()
 
 
 def worker_config(

@@ -65,8 +65,7 @@ def mode_file(ready_file: Path) -> Path:
 def set_batch_window(workers: Sequence[Worker], seconds: float) -> None:
     """Make every worker's arbiter batch adverts for ``seconds`` from its next batch on."""
     for worker in workers:
-        # TODO(bench): Arbiter has no public setter; benchmarks switch policy at run time.
-        worker.arbiter._batch_window = seconds
+        worker.arbiter.set_batch_window(seconds)
 
 
 async def run_workers(

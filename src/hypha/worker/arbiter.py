@@ -111,6 +111,12 @@ class Arbiter:
         self._batch_window = batch_window_seconds
         self.stats = ArbiterStatistics()
 
+    def set_batch_window(self, seconds: float) -> None:
+        """Change how long advertisements are collected before offering."""
+        if seconds <= 0:
+            raise ValueError("batch window must be positive")
+        self._batch_window = seconds
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve advertisements until cancelled."""
         async with (
@@ -168,6 +174,7 @@ class Arbiter:
         decision: m.OfferDecision | None = None
         try:
             with trio.fail_after(self._offer_window):
+                self._node.remember_addresses(request.scheduler, request.addresses)
                 await self._node.ensure_connected(request.scheduler)
                 role = self._node.directory.role(request.scheduler)
                 if role != "scheduler":

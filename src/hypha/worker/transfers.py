@@ -43,6 +43,14 @@ UpdateSink = Callable[[m.TensorOffer, str, Path], Awaitable[None]]
 """``async def sink(offer, sender, path)``: an aggregator takes a received update."""
 
 
+def _safe_name(name: str) -> str:
+    """The sender's file name if it is a plain one, else a neutral default."""
+    base = Path(name).name
+    if not base or base.startswith(".") or base != name or len(base) > 100:
+        return "file.bin"
+    return base
+
+
 def _link_or_copy(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
@@ -289,7 +297,10 @@ class Transfers:
         task = self._jobs.task_for_job(offer.job_id, "train")
         if task is None:
             return m.TransferDone(transfer_id=offer.transfer_id, ok=False, detail="no task of this job here")
-        rel = Path("incoming") / f"{offer.purpose}-{offer.round:05d}-{offer.transfer_id[:8]}.safetensors"
+        rel = (
+            Path("incoming")
+            / f"{offer.purpose}-{offer.round:05d}-{offer.transfer_id[:8]}-{_safe_name(offer.name)}"
+        )
         await self._bulk.pull(offer, peer, task.work_dir / rel)
         task.inbox.deliver(
             b.ReceivedFile(
