@@ -1,9 +1,9 @@
 """Benchmark: compute utilisation of trainers at speeds 1x, 2x and 4x, planner against fixed H.
 
-One Hypha network (``hypha.testing.network``: gateway, data node, parameter server and three
+A Hypha network (``hypha.testing.network``: gateway, data node, parameter server and three
 trainer processes on 127.0.0.1) whose trainers are throttled 1x, 2x and 4x (a trainer with
 throttle k sleeps k - 1 times each batch's compute time, so it runs k times slower). The same
-job runs twice on it, in one run:
+job runs twice, each time on a fresh network, in one run:
 
 - ``planner``: Hypha's sync planner decides each trainer's batches per round, so that all
   trainers reach the outer sync together.
@@ -17,7 +17,7 @@ line) to its last one, and compute seconds are the sum of ``batches x seconds_pe
 the trainer's rounds >= 1 (a throttled trainer's sleep counts as compute: it emulates a slower
 device). Throttles are matched to trainers by their measured seconds per batch.
 
-    python bench/heterogeneous.py [--rounds 6] [--samples-per-round 2400]
+    python bench/heterogeneous.py [--rounds 3] [--samples-per-round 6400]
 
 Writes ``bench/results/heterogeneous.json``; headline: the lowest compute utilisation of the
 three trainers with the planner (goal >= 0.9), the fixed-H figure as the baseline.
@@ -138,20 +138,27 @@ def utilisation(mode: str, lines: list[dict[str, Any]], seconds: float) -> dict[
 
 
 async def run_jobs(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """Run the planner job, then the fixed-H job, each on a fresh network.
+
+    A fresh network per job: on a reused one the second job's allocation may pick another
+    worker as parameter server (the first job's leases are still winding down), and the
+    trainers would then not be the 1x, 2x and 4x ones.
+    """
     pki = Pki.create(tmp / "pki")
     fixed_h = args.samples_per_round // (len(THROTTLES) * args.batch_size)
-    jobs = [("planner", None), ("fixed_h", fixed_h)]
     out = []
-    async with open_training_network(pki, tmp, tmp / DATASET, list(THROTTLES)) as addr:
-        for mode, steps in jobs:
-            job = job_spec(args, tmp, mode, steps)
+    for mode, steps in (("planner", None), ("fixed_h", fixed_h)):
+        work = tmp / mode
+        work.mkdir()
+        async with open_training_network(pki, work, tmp / DATASET, list(THROTTLES)) as addr:
+            job = job_spec(args, work, mode, steps)
             started = time.perf_counter()
             with trio.fail_after(JOB_LIMIT_SECONDS):
                 lines = await run_training_job(pki, addr, job, f"sched-{mode}")
-            result = utilisation(mode, lines, time.perf_counter() - started)
-            result["fixed_inner_steps"] = steps
-            out.append(result)
-            print(f"{mode}: min utilisation {result['min_utilisation']:.3f}", flush=True)
+        result = utilisation(mode, lines, time.perf_counter() - started)
+        result["fixed_inner_steps"] = steps
+        out.append(result)
+        print(f"{mode}: min utilisation {result['min_utilisation']:.3f}", flush=True)
     return out
 
 
@@ -226,8 +233,8 @@ def print_table(summary: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--samples-per-round", type=int, default=2400)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples-per-round", type=int, default=6400)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--report-every-seconds", type=float, default=0.25)
     parser.add_argument("--sync-horizon-seconds", type=float, default=1.0)

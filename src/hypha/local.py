@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 DEMO_JOB: dict[str, Any] = {
     "name": "demo",
     "dataset": "stdlib-text",
-    "rounds": 12,
+    "rounds": 40,
     "samples_per_round": 1536,
     "batch_size": 16,
     "seed": 0,

@@ -244,9 +244,14 @@ class JobDriver:
     async def _progress(self, peer: str, request: m.ProgressRequest) -> m.Msg:
         if request.job_id != self.job_id:
             raise JobError(f"unknown job {request.job_id}")
-        if self.done:
-            return m.Done()
         event = request.event
+        if isinstance(event, m.Metrics):
+            self.recorder.metrics(peer, event.round, event.values)
+            return m.Done() if self.done else m.Continue()
+        if self.done:
+            if isinstance(event, m.UpdateApplied):
+                self.recorder.event(peer, "update_applied", event.round)
+            return m.Done()
         now = trio.current_time()
         if isinstance(event, m.BatchesDone):
             for index in event.slices_done:
@@ -269,7 +274,6 @@ class JobDriver:
         if isinstance(event, m.UpdateApplied):
             self.recorder.event(peer, "update_applied", event.round)
             return m.Done() if event.round + 1 >= self.job.rounds else m.Continue()
-        self.recorder.metrics(peer, event.round, event.values)
         return m.Continue()
 
     def _fixed_sync(self, peer: str, event: m.BatchesDone) -> m.Msg:

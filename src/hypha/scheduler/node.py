@@ -87,9 +87,12 @@ async def run_scheduler(
 
         async def drive() -> None:
             async with trio.open_nursery() as pools:
-                await pools.start(trainers.run)
                 if job.parameter_server.target > 0 and not allocate_only:
+                    # The parameter server first: the job cannot start without it, and it
+                    # should get the best offer rather than what trainers leave over.
                     await pools.start(ps.run)
+                    await ps.wait_size(1)
+                await pools.start(trainers.run)
                 if allocate_only:
                     await trio.sleep_forever()
                 from hypha.scheduler.job import run_job
