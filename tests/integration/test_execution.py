@@ -164,7 +164,10 @@ async def cluster(
             dataset_path=[dataset],
         )
         data = await nursery.start(lambda task_status: run_data_node(data_cfg, task_status=task_status))
-        executors = [{"class": "train", "name": "script", "cmd": sys.executable, "args": [str(script)]}]
+        executors = [
+            {"class": "train", "name": "script", "cmd": sys.executable, "args": [str(script)]},
+            {"class": "train", "name": "broken", "cmd": str(tmp / "no-such-program")},
+        ]
         config = worker_config(
             pki, "w", addr, tmp, executors=executors, kill_grace_seconds=1.0, **worker_options
         )
@@ -280,3 +283,34 @@ async def test_two_tasks_on_one_worker_receive_only_their_own_files(pki: Pki, tm
             status_b = await side.wait_status(task_b, "finished", "failed")
         assert (status_a.state, status_a.exit_code) == ("finished", 0)  # got its file
         assert (status_b.state, status_b.exit_code) == ("finished", 0)  # got nothing
+
+
+async def test_executor_that_cannot_start_is_reported_with_the_reason(pki: Pki, tmp_path: Path) -> None:
+    async with cluster(pki, tmp_path) as (side, worker, _addr):
+        with trio.fail_after(60):
+            [grant] = await side.allocator.allocate(SPEC, Price(bid=1.0, max_price=5.0), 1)
+            await wait_until(lambda: worker.leases.ledger.statistics().num_renewable == 1)
+            request = m.DispatchTask(
+                lease_id=grant.lease_id,
+                task_id="broken-1",
+                job_id="job",
+                executor=m.ExecutorDescriptor(executor_class="train", name="broken"),
+                config=b"{}",
+            )
+            assert isinstance(await side.node.request(grant.worker, request, m.Msg), m.Dispatched)
+            status = await side.wait_status("broken-1", "failed", "finished")
+        assert status.state == "failed"
+        assert status.exit_code is None
+        assert "cannot start executor" in status.detail
+        assert "no-such-program" in status.detail
+        # An executor the worker does not have is refused at dispatch with the reason.
+        unknown = m.DispatchTask(
+            lease_id=grant.lease_id,
+            task_id="x",
+            job_id="job",
+            executor=m.ExecutorDescriptor(executor_class="train", name="nope"),
+            config=b"{}",
+        )
+        reply = await side.node.request(grant.worker, unknown, m.Msg)
+        assert isinstance(reply, m.Refused)
+        assert "not configured" in reply.reason

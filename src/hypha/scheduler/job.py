@@ -382,7 +382,7 @@ class JobDriver:
                 continue
             if status.state == "failed":
                 detail = status.detail.strip().splitlines()[-1] if status.detail.strip() else ""
-                if status.exit_code is None and not member.reported:
+                if status.exit_code is None and ("cannot start" in status.detail or not member.reported):
                     raise JobError(f"trainer executor on {member.worker} cannot start: {detail}")
                 self.parts.trainers.lose(
                     member.worker, f"task failed with exit code {status.exit_code}: {detail}"
