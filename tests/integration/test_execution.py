@@ -216,7 +216,7 @@ async def test_executor_fetches_sends_reports_and_exits(pki: Pki, tmp_path: Path
 async def test_lease_expiry_kills_executor_that_ignores_sigterm(pki: Pki, tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="hypha.worker")
     pid_file = tmp_path / "executor.pid"
-    async with cluster(pki, tmp_path) as (side, worker, addr):
+    async with cluster(pki, tmp_path) as (_side, worker, addr):
         async with open_test_node(pki, "doomed", "scheduler", gateways=[addr]) as doomed:
             allocator = Allocator(doomed, lease_seconds=6.0, offer_deadline_seconds=2)
             with trio.fail_after(60):

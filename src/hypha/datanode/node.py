@@ -81,9 +81,8 @@ class DataNode:
     async def _slice(self, peer: str, request: m.SliceRequest) -> m.TensorOffer:
         served = self._dataset(request.dataset)
         if not 0 <= request.index < served.manifest.num_slices:
-            raise DataError(
-                f"slice {request.index} out of range: {request.dataset} has {served.manifest.num_slices} slices"
-            )
+            count = served.manifest.num_slices
+            raise DataError(f"slice {request.index} out of range: {request.dataset} has {count} slices")
         info = served.manifest.slices[request.index]
         self.num_slices_served += 1
         return await self.bulk.offer(

@@ -106,6 +106,7 @@ class JobDriver:
         node.rpc.register(m.TensorPushRequest, self._final_model, roles={"worker"})
         self._round_closed_event = trio.Event()
         self._adding: set[str] = set()
+        self._trainer_finished = trio.Event()
         self._fixed_done: dict[tuple[str, int], int] = {}
         self._fixed_told: set[tuple[str, int]] = set()
 
@@ -391,6 +392,7 @@ class JobDriver:
                 member.reported = True
             elif status.state == "finished":
                 self.recorder.event(member.worker, "finished", self.round)
+                self._trainer_finished.set()
 
     async def run(self) -> None:
         await self.start_parameter_server()
@@ -414,8 +416,9 @@ class JobDriver:
             await self.model_received.wait()
         # Trainers learn the job is over from the answer to their last report.
         with trio.move_on_after(30):
-            while any(t.task_id for t in self.trainers.values()) and not self._all_trainers_done():
-                await trio.sleep(0.1)
+            while not self._all_trainers_done():
+                await self._trainer_finished.wait()
+                self._trainer_finished = trio.Event()
         self.recorder.finish(self)
 
     def _all_trainers_done(self) -> bool:

@@ -132,7 +132,7 @@ class ParameterServer:
             logger.warning(
                 "dropped update of round %d from %s: round %d is open", offer.round, sender, current.number
             )
-            path.unlink(missing_ok=True)
+            await trio.Path(path).unlink(missing_ok=True)
             return
         current.updates[sender] = _Update(sender, offer.samples, path)
         if current.first_arrival is None:
