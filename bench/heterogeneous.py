@@ -17,7 +17,7 @@ line) to its last one, and compute seconds are the sum of ``batches x seconds_pe
 the trainer's rounds >= 1 (a throttled trainer's sleep counts as compute: it emulates a slower
 device). Throttles are matched to trainers by their measured seconds per batch.
 
-    python bench/heterogeneous.py [--rounds 3] [--samples-per-round 6400]
+    python bench/heterogeneous.py [--rounds 4] [--samples-per-round 6400]
 
 Writes ``bench/results/heterogeneous.json``; headline: the lowest compute utilisation of the
 three trainers with the planner (goal >= 0.9), the fixed-H figure as the baseline.
@@ -233,7 +233,7 @@ def print_table(summary: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--samples-per-round", type=int, default=6400)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--report-every-seconds", type=float, default=0.25)

@@ -98,16 +98,19 @@ def ensure_dataset(dataset_dir: Path, progress: Callable[[int, int], None] | Non
 
 
 def make_plan(root: Path, job_path: Path | None, num_trainers: int, rounds: int | None) -> LocalPlan:
+    """Where a local run's files go; the demo job unless ``job_path`` names another."""
+    root = root.resolve()  # configs name files relative to themselves: keep paths absolute
     root.mkdir(parents=True, exist_ok=True)
     if job_path is None:
         doc = json.loads(json.dumps(DEMO_JOB))
         doc["trainers"]["target"] = num_trainers
+        doc["output_dir"] = str(Path("runs").resolve() / doc["name"])
         if rounds is not None:
             doc["rounds"] = rounds
         job_path = write_toml(root / "job.toml", doc)
     job = load_job(job_path)
     if job.output_dir is None:
-        job = JobSpec(**{**job.__dict__, "output_dir": Path("runs") / job.name})
+        job = JobSpec(**{**job.__dict__, "output_dir": Path("runs").resolve() / job.name})
     return LocalPlan(
         root=root,
         job_path=job_path,

@@ -16,7 +16,7 @@ from rich.live import Live
 from rich.progress import Progress
 from rich.table import Table
 
-from hypha.errors import JobError
+from hypha.errors import HyphaError, JobError
 from hypha.local import (
     LocalPlan,
     ensure_dataset,
@@ -94,7 +94,16 @@ def run_up(plan: LocalPlan, console: Console, *, single_process: bool, live: boo
                     result["code"] = scheduler.returncode or 0
             done.set()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        matched, rest = group.split(HyphaError)
+        if matched is None or rest is not None:
+            raise
+        leaf: BaseException = matched
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from group
     code = result.get("code", 0)
     if code != 0:
         raise JobError(f"the scheduler exited with {code}; see {logs_dir(plan) / 'scheduler.log'}")

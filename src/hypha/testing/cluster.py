@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from hypha.errors import JobError
 from hypha.net.host import Node, NodeSettings, open_node
 from hypha.pki import TlsFiles, create_ca, issue_node
 
@@ -166,7 +167,7 @@ async def spawn_node(
         with trio.fail_after(ready_timeout_seconds):
             while not ready_file.exists():
                 if process.returncode is not None or process.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {process.returncode}:\n{node.log()}")
+                    raise JobError(f"{name} exited with {process.returncode}:\n{node.log()[-4000:]}")
                 await trio.sleep(0.05)
         node.ready = json.loads(ready_file.read_text())
         yield node
