@@ -219,14 +219,21 @@ async def allocate_all(allocator: Allocator, count: int) -> tuple[float, list[Gr
     return time.perf_counter() - start, grants, num_rounds
 
 
+_ALLOCATORS: dict[str, Allocator] = {}
+
+
 def make_allocator(node: Node, policy: Policy, lease_seconds: float = LEASE_SECONDS) -> Allocator:
-    return Allocator(
-        node,
-        lease_seconds=lease_seconds,
-        offer_deadline_seconds=DEADLINE_SECONDS,
+    """The node's one allocator (a node serves offers to one), set to ``policy``."""
+    allocator = _ALLOCATORS.get(node.peer_id)
+    if allocator is None:
+        allocator = Allocator(node, lease_seconds=lease_seconds, offer_deadline_seconds=DEADLINE_SECONDS)
+        _ALLOCATORS[node.peer_id] = allocator
+    allocator.set_policy(
         settle_seconds=policy.settle_seconds,
         republish_seconds=policy.republish_seconds,
+        lease_seconds=lease_seconds,
     )
+    return allocator
 
 
 async def time_policies(

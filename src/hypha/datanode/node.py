@@ -21,7 +21,7 @@ from hypha.data.manifest import Manifest, load_manifest, manifest_sha256, slice_
 from hypha.errors import DataError, HyphaError
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
-from hypha.net.runner import run_node, settings_from_config
+from hypha.net.runner import run_role, settings_from_config
 from hypha.protocol import ids
 from hypha.protocol import messages as m
 
@@ -125,17 +125,7 @@ async def run_data_node(
     task_status: trio.TaskStatus[DataNode] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a data node until cancelled."""
-    holder: dict[str, DataNode] = {}
-
-    async def body(node: Node, nursery: trio.Nursery) -> Mapping[str, object]:
-        data = DataNode(node, config)
-        holder["data"] = data
-        return await data.start(nursery)
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: run_node(
-                settings_from_config("data", config), body, ready_file=ready_file, task_status=task_status
-            )
-        )
-        task_status.started(holder["data"])
+    settings = settings_from_config("data", config)
+    await run_role(
+        settings, lambda node: DataNode(node, config), ready_file=ready_file, task_status=task_status
+    )

@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -83,3 +84,33 @@ async def run_node(
             write_ready_file(ready_file, node, extra)
         task_status.started(node)
         await trio.sleep_forever()
+
+
+class RoleService(Protocol):
+    """A role's services on one node (``Worker``, ``DataNode``)."""
+
+    async def start(self, nursery: trio.Nursery) -> Mapping[str, object]: ...
+
+
+S = TypeVar("S", bound=RoleService)
+
+
+async def run_role(
+    settings: NodeSettings,
+    build: Callable[[Node], S],
+    *,
+    ready_file: Path | None = None,
+    task_status: trio.TaskStatus[S] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a node with the role service ``build(node)`` until cancelled; report the service."""
+    built: list[S] = []
+
+    async def body(node: Node, nursery: trio.Nursery) -> Mapping[str, object]:
+        built.append(build(node))
+        return await built[0].start(nursery)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: run_node(settings, body, ready_file=ready_file, task_status=task_status)
+        )
+        task_status.started(built[0])

@@ -106,6 +106,15 @@ class Allocator:
         self.stats = AllocatorStatistics()
         node.rpc.register(m.OfferRequest, self._on_offer, roles={"worker"})
 
+    def set_policy(
+        self, *, settle_seconds: float, republish_seconds: float, lease_seconds: float | None = None
+    ) -> None:
+        """Change how offers are collected (benchmarks compare policies on one node)."""
+        self._settle = settle_seconds
+        self._republish = republish_seconds
+        if lease_seconds is not None:
+            self._lease_seconds = lease_seconds
+
     async def _on_offer(self, peer: str, offer: m.OfferRequest) -> m.OfferDecision:
         collector = self._collectors.get(offer.request_id)
         if collector is None or collector.closed or offer.worker != peer:

@@ -16,7 +16,7 @@ import trio
 from hypha.config.schema import WorkerConfig
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
-from hypha.net.runner import run_node, settings_from_config
+from hypha.net.runner import run_role, settings_from_config
 from hypha.resources import Resources
 from hypha.worker.arbiter import Arbiter
 from hypha.worker.jobs import JobManager
@@ -68,20 +68,7 @@ async def run_worker(
     task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a worker until cancelled."""
-    holder: dict[str, Worker] = {}
-
-    async def body(node: Node, nursery: trio.Nursery) -> Mapping[str, object]:
-        worker = Worker(node, config)
-        holder["worker"] = worker
-        return await worker.start(nursery)
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: run_node(
-                settings_from_config("worker", config),
-                body,
-                ready_file=ready_file,
-                task_status=task_status,
-            )
-        )
-        task_status.started(holder["worker"])
+    settings = settings_from_config("worker", config)
+    await run_role(
+        settings, lambda node: Worker(node, config), ready_file=ready_file, task_status=task_status
+    )
