@@ -111,6 +111,9 @@ class ProgressReporter:
         self._pending: dict[int, _Stats] = {}
         self._slices_done: list[int] = []
         self._instruction: InstructionBody | None = None
+        self._num_recorded = 0  # batches recorded since start
+        self._num_at_report = 0  # batches recorded when the report that got the held instruction was sent
+        self._instruction_lag = 0  # batches run between that report and now
         self._error: Exception | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hypha-progress", daemon=True)
@@ -123,6 +126,7 @@ class ProgressReporter:
 
     def record(self, round: int, samples: int, seconds: float, loss: float) -> None:
         with self._lock:
+            self._num_recorded += 1
             self._pending.setdefault(round, _Stats()).add(samples, seconds, loss)
 
     def slice_done(self, index: int) -> None:
@@ -136,6 +140,8 @@ class ProgressReporter:
             held = self._instruction
             if instruction.action != "continue" and (held is None or held.action != "done"):
                 self._instruction = instruction
+                # "Sync after N" counts from the report it answers, not from its arrival.
+                self._instruction_lag = self._num_recorded - self._num_at_report
 
     def take_instruction(self) -> InstructionBody | None:
         """Return and clear the slot.
@@ -149,12 +155,18 @@ class ProgressReporter:
             instruction, self._instruction = self._instruction, None
             return instruction
 
+    def take_lag(self) -> int:
+        """Batches run between the report that got the last instruction and its arrival."""
+        with self._lock:
+            return self._instruction_lag
+
     def flush(self) -> None:
         """Report every pending batch now (waits for a report in flight)."""
         with self._post_lock:
             with self._lock:
                 pending, self._pending = self._pending, {}
                 slices_done, self._slices_done = self._slices_done, []
+                self._num_at_report = self._num_recorded
             if not pending and slices_done:
                 # Waiting for data: the scheduler must still learn these slices are used,
                 # or it can never start the next epoch.
@@ -360,7 +372,8 @@ def train(
             logger.info("job done after %d inner steps", step)
             return 0
         if instruction.action == "sync" and batches_left is None and instruction.round >= round_idx:
-            round_idx, batches_left = instruction.round, instruction.batches
+            lag = reporter.take_lag()  # batches already run since the report this answers
+            round_idx, batches_left = instruction.round, max(0, instruction.batches - lag)
             logger.info("sync of round %d after %d more batches", round_idx, batches_left)
         if batches_left == 0:
             reporter.flush()  # every batch of the round is reported before its update
