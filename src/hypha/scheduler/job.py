@@ -260,10 +260,10 @@ class JobDriver:
             if event.batches == 0:
                 return m.Continue()
             self.recorder.batches(peer, event, now)
+            if peer in self.trainers and self.job.fixed_inner_steps is not None:
+                return self._fixed_sync(peer, event)
             if peer not in self.trainers or event.round != self.round:
                 return m.Continue()
-            if self.job.fixed_inner_steps is not None:
-                return self._fixed_sync(peer, event)
             batches = self.planner.on_batches(peer, event.batches, event.samples, event.seconds, now)
             if batches is not None:
                 self.recorder.event(peer, "sync_planned", self.round, batches=batches)
@@ -279,13 +279,16 @@ class JobDriver:
 
     def _fixed_sync(self, peer: str, event: m.BatchesDone) -> m.Msg:
         """Fixed-H baseline: every trainer runs the same number of batches each round."""
-        done = self._fixed_done.get((peer, self.round), 0) + event.batches
-        self._fixed_done[(peer, self.round)] = done
-        if (peer, self.round) in self._fixed_told:
+        # Keyed by the trainer's own round: its first reports of a round can arrive before
+        # the scheduler has seen that round open.
+        key = (peer, event.round)
+        done = self._fixed_done.get(key, 0) + event.batches
+        self._fixed_done[key] = done
+        if key in self._fixed_told:
             return m.Continue()
-        self._fixed_told.add((peer, self.round))
+        self._fixed_told.add(key)
         assert self.job.fixed_inner_steps is not None
-        return m.SyncAfter(round=self.round, batches=max(0, self.job.fixed_inner_steps - done))
+        return m.SyncAfter(round=event.round, batches=max(0, self.job.fixed_inner_steps - done))
 
     def _mark_used(self, worker: str, index: int) -> None:
         try:

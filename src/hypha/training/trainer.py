@@ -366,6 +366,7 @@ def train(
     round_idx = first_round
     batches_left: int | None = None  # more batches before the sync; None while none ordered
     stats = _Stats()  # this round's batches
+    residual: dict[str, Tensor] = {}  # encoding error carried into the next update
     while True:
         instruction = reporter.take_instruction() or _CONTINUE
         if instruction.action == "done":
@@ -378,9 +379,13 @@ def train(
         if batches_left == 0:
             reporter.flush()  # every batch of the round is reported before its update
             delta = pseudo_gradient(global_params, model)  # {name: [*shape]} global - local, fp32 CPU
+            delta = {n: d + residual.get(n, 0.0) for n, d in delta.items()}  # error feedback
             update_path = session.work_dir / f"update-{round_idx}.safetensors"
             meta = {"round": str(round_idx), "samples": str(stats.samples)}
             save_tensors_file(update_path, delta, task.encoding, metadata=meta)
+            if task.encoding != "fp32":  # keep what the encoding rounded away for next round
+                decoded, _ = load_tensors_file(update_path)  # {name: [*shape]} as the server decodes it
+                residual = {n: delta[n] - decoded[n] for n in delta}
             session.send(
                 update_path,
                 target="parameter_server",
@@ -396,7 +401,11 @@ def train(
                 return 0
             weights_path = inbox.wait_weights(round_idx)
             bytes_received = weights_path.stat().st_size
-            new_params, _ = load_tensors_file(weights_path)  # {name: [*shape]} fp32 CPU, full weights
+            received, meta = load_tensors_file(weights_path)  # {name: [*shape]} fp32 CPU
+            if meta.get("kind") == "delta":  # the round's change: theta_r+1 = theta_r + delta
+                new_params = {n: global_params[n] + received[n] for n in global_params}
+            else:  # full weights
+                new_params = received
             load_params(model, new_params)  # in place: AdamW still points at the same tensors
             global_params = new_params  # {name: [*shape]} theta_global of the next round
             weights_path.unlink(missing_ok=True)

@@ -67,30 +67,42 @@ class _Maths:
             n: p.detach().clone().float() for n, p in self.model.named_parameters()
         }
         self.outer = NesterovOuter(lr=doc.outer.lr, momentum=doc.outer.momentum)
-        self.weights_encoding: m.Encoding = "fp32" if doc.encoding == "fp32" else "fp16"
+        self.weights_encoding: m.Encoding = "fp32"  # full weights (for newcomers) are exact
+        self.delta_encoding: m.Encoding = doc.encoding  # what each round's broadcast costs
+        self.delta: dict[str, torch.Tensor] = {}
+        self.residual: dict[str, torch.Tensor] = {}
         self.eval_batches: list[dict[str, torch.Tensor]] = []
-        self._snap()
-
-    def _snap(self) -> None:
-        """Hold exactly what trainers receive, so every copy of the weights is identical."""
-        from hypha.training.compress import decode_tensors, encode_tensors
-
-        decoded, _ = decode_tensors(encode_tensors(self.params, self.weights_encoding))
-        self.params = {n: decoded[n] for n in self.params}
 
     def write_weights(self, path: Path, round_: int, encoding: m.Encoding | None = None) -> None:
         from hypha.training.compress import save_tensors_file
 
         save_tensors_file(path, self.params, encoding or self.weights_encoding, {"round": str(round_)})
 
+    def write_delta(self, path: Path, round_: int) -> None:
+        """The round's applied change (already representable exactly in ``delta_encoding``)."""
+        from hypha.training.compress import save_tensors_file
+
+        save_tensors_file(path, self.delta, self.delta_encoding, {"round": str(round_), "kind": "delta"})
+
     def step(self, updates: list[_Update]) -> None:
-        from hypha.training.compress import load_tensors_file
+        """Outer step; the change is broadcast encoded, with error feedback kept here.
+
+        Trainers add the decoded change to the weights they hold, and so does this server:
+        every copy stays bit-identical, and what the encoding rounds away is carried into the
+        next round's change instead of being lost.
+        """
+        from hypha.training.compress import decode_tensors, encode_tensors, load_tensors_file
         from hypha.training.outer import weighted_mean
 
         tensors = [load_tensors_file(u.path)[0] for u in updates]
         mean = weighted_mean(tensors, [float(u.samples) for u in updates])  # name -> tensor, float32
-        self.outer.step(self.params, mean)
-        self._snap()
+        old = {n: p.clone() for n, p in self.params.items()}  # theta_r, {name: [*shape]}
+        self.outer.step(self.params, mean)  # params: theta_r+1 in full precision
+        wanted = {n: self.params[n] - old[n] + self.residual.get(n, 0.0) for n in old}  # {name: [*shape]}
+        decoded, _ = decode_tensors(encode_tensors(wanted, self.delta_encoding))  # what trainers get
+        self.residual = {n: wanted[n] - decoded[n] for n in old}
+        self.delta = {n: decoded[n] for n in old}
+        self.params = {n: old[n] + decoded[n] for n in old}  # the same fp32 add every trainer does
 
     def load_eval(self, path: Path, batch_size: int, num_batches: int) -> None:
         from safetensors.torch import load_file
@@ -250,8 +262,10 @@ class ParameterServer:
         )
 
     async def _broadcast(self, number: int, recipients: list[str]) -> None:
-        path = self._weights[number + 1]
-        encoding = self._maths.weights_encoding if self._maths else "fp32"
+        assert self._maths is not None
+        path = self._task.work_dir / f"delta-{number:05d}.safetensors"
+        await trio.to_thread.run_sync(self._maths.write_delta, path, number, limiter=TORCH)
+        encoding = self._maths.delta_encoding
 
         async def one(peer: str) -> None:
             try:
@@ -264,6 +278,7 @@ class ParameterServer:
         async with trio.open_nursery() as nursery:
             for peer in recipients:
                 nursery.start_soon(one, peer)
+        await trio.Path(path).unlink(missing_ok=True)
 
     async def _report(self, msg: m.Msg) -> None:
         try:
