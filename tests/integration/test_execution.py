@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import trio
 
-from hypha.config.schema import DataConfig
 from hypha.data.manifest import Manifest, load_manifest
 from hypha.data.prepare import prepare_dataset
 from hypha.datanode.node import run_data_node
@@ -31,6 +30,7 @@ from hypha.protocol import messages as m
 from hypha.resources import Resources
 from hypha.scheduler.allocator import Allocator, Grant, Price, WorkerSpec
 from hypha.testing.cluster import Pki, open_test_node, wait_until, worker_config
+from hypha.testing.network import data_config
 from hypha.worker import Worker, run_worker
 
 SCRIPT = (m.ExecutorDescriptor(executor_class="train", name="script"),)
@@ -153,16 +153,7 @@ async def cluster(
     script.write_text(CLIENT)
     async with open_test_node(pki, "gw", "gateway", relay_hop=True) as gw, trio.open_nursery() as nursery:
         addr = gw.listen_addrs()[0]
-        tls = pki.node("data", "data")
-        data_cfg = DataConfig(
-            cert_pem=tls.cert,
-            key_pem=tls.key,
-            trust_pem=tls.trust,
-            crls_pem=tls.crls,
-            gateway_addresses=[addr],
-            relay_circuit=False,
-            dataset_path=[dataset],
-        )
+        data_cfg = data_config(pki, addr, dataset)
         data = await nursery.start(lambda task_status: run_data_node(data_cfg, task_status=task_status))
         executors = [
             {"class": "train", "name": "script", "cmd": sys.executable, "args": [str(script)]},

@@ -29,6 +29,20 @@ EXECUTORS: list[dict[str, Any]] = [
 ]
 
 
+def data_config(pki: Pki, gateway: str, dataset_dir: Path, name: str = "data") -> DataConfig:
+    """A data node's config serving ``dataset_dir``, with fresh credentials."""
+    tls = pki.node(name, "data")
+    return DataConfig(
+        cert_pem=tls.cert,
+        key_pem=tls.key,
+        trust_pem=tls.trust,
+        crls_pem=tls.crls,
+        gateway_addresses=[gateway],
+        relay_circuit=False,
+        dataset_path=[dataset_dir],
+    )
+
+
 @asynccontextmanager
 async def open_training_network(
     pki: Pki, tmp: Path, dataset_dir: Path, throttles: Sequence[float] = (1.0, 1.0, 1.0)
@@ -36,16 +50,7 @@ async def open_training_network(
     """Start the network; yields the gateway's address. Worker 0 is the cheapest (the PS)."""
     async with open_test_node(pki, "gw", "gateway", relay_hop=True) as gw, trio.open_nursery() as nursery:
         addr = gw.listen_addrs()[0]
-        tls = pki.node("data", "data")
-        data_cfg = DataConfig(
-            cert_pem=tls.cert,
-            key_pem=tls.key,
-            trust_pem=tls.trust,
-            crls_pem=tls.crls,
-            gateway_addresses=[addr],
-            relay_circuit=False,
-            dataset_path=[dataset_dir],
-        )
+        data_cfg = data_config(pki, addr, dataset_dir)
         await nursery.start(lambda task_status: run_data_node(data_cfg, task_status=task_status))
         for i, throttle in enumerate([1.0, *throttles]):
             config = worker_config(
