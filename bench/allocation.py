@@ -34,7 +34,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -56,6 +55,7 @@ from hypha.net.host import Node
 from hypha.protocol import messages as m
 from hypha.resources import Resources
 from hypha.scheduler.allocator import Allocator, Grant, Price, WorkerSpec
+from hypha.testing.benchmarks import machine, write_result
 from hypha.testing.cluster import ChildNode, Pki, open_test_node, spawn_node, wait_until, write_toml
 
 RESULTS = Path(__file__).resolve().parent / "results" / "allocation.json"
@@ -108,16 +108,6 @@ class Sample:
     num_granted: int
     num_confirmed: int
     num_rounds: int
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.platform()} / {cpu} / {os.cpu_count()} cores"
 
 
 async def host_workers(
@@ -460,7 +450,7 @@ def main() -> None:
     summary = trio.run(run, args)
     print_table(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_result(args.out, summary)
     print(f"wrote {args.out}")
 
 

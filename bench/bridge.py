@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -34,6 +32,7 @@ import trio
 
 from hypha.bridge import serve_bridge
 from hypha.protocol import bridge as b
+from hypha.testing.benchmarks import machine, write_result
 from hypha.training.session import Session
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bridge.json"
@@ -138,16 +137,6 @@ def run_client(args: argparse.Namespace) -> None:
     sys.stdout.buffer.write(msgspec.json.encode(result))
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.platform()} / {cpu} / {os.cpu_count()} cores"
-
-
 async def run_server(args: argparse.Namespace) -> ClientResult:
     with tempfile.TemporaryDirectory(prefix="hbb-", dir="/tmp") as name:
         root = Path(name)
@@ -227,7 +216,7 @@ def main() -> None:
     headline = summary["headline"]
     print(f"fetch / direct read = {headline['ratio']:.2f} (goal >= 0.5)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_result(args.out, summary)
     print(f"wrote {args.out}")
 
 

@@ -55,6 +55,7 @@ from hypha.net.host import NodeSettings, open_node
 from hypha.net.rpc import Stream, read_exactly
 from hypha.pki.verify import bulk_ssl_context
 from hypha.protocol import messages as m
+from hypha.testing.benchmarks import machine, write_result
 from hypha.testing.cluster import Pki
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bulk_transfer.json"
@@ -79,16 +80,6 @@ def cpu_seconds() -> float:
 def emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(msgspec.json.encode(obj).decode() + "\n")
     sys.stdout.flush()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.platform()} / {cpu} / {os.cpu_count()} cores"
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -566,7 +557,7 @@ def main() -> None:
     summary["params"]["wall_seconds"] = round(time.perf_counter() - start, 1)
     print_table(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_result(args.out, summary)
     print(f"wrote {args.out}")
 
 

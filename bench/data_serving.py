@@ -47,6 +47,7 @@ from hypha.errors import DataError, TransferError
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
 from hypha.protocol import messages as m
+from hypha.testing.benchmarks import machine, write_result
 from hypha.testing.cluster import Pki, open_test_node, spawn_node, write_toml
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_serving.json"
@@ -80,16 +81,6 @@ def machine_ticks() -> tuple[int, int]:
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:9]]
     return values[3] + values[4], sum(values)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.platform()} / {cpu} / {os.cpu_count()} cores"
 
 
 def make_dataset(root: Path, num_slices: int, slice_mib: int) -> tuple[Path, Manifest]:
@@ -404,7 +395,7 @@ def main() -> None:
     summary["params"]["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print_table(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_result(args.out, summary)
     print(f"wrote {args.out}")
 
 

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -56,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hypha.config.job import JobSpec, load_job
 from hypha.data.manifest import load_manifest, slice_path
 from hypha.data.prepare import prepare_builtin
+from hypha.testing.benchmarks import machine, write_result
 from hypha.testing.cluster import Pki, write_toml
 from hypha.testing.network import open_training_network, run_training_job
 from hypha.training.diloco import cosine_lr, evaluate, iter_batches
@@ -371,16 +371,6 @@ async def run_diloco(setup: Setup, tmp: Path, variants: list[Variant]) -> list[d
 # --- report ------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.platform()} / {cpu} / {os.cpu_count()} cores"
-
-
 def compare(ddps: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Compare each DiLoCo run with DDP of its seed; return one mean entry per configuration."""
     by_seed = {d["seed"]: d for d in ddps}
@@ -570,7 +560,7 @@ def main() -> None:
     summary = build_summary(setup, ddps, runs, time.perf_counter() - started)
     print_table(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_result(args.out, summary)
     print(f"wrote {args.out}")
 
 

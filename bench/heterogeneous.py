@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +41,7 @@ import trio
 
 from hypha.config.job import JobSpec, load_job
 from hypha.data.prepare import prepare_builtin
+from hypha.testing.benchmarks import machine, write_result
 from hypha.testing.cluster import Pki, write_toml
 from hypha.testing.network import open_training_network, run_training_job
 
@@ -162,16 +161,6 @@ async def run_jobs(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     return out
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.platform()} / {cpu} / {os.cpu_count()} cores"
-
-
 def build_summary(args: argparse.Namespace, runs: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     planner = next(r for r in runs if r["name"] == "planner")
     fixed = next(r for r in runs if r["name"] == "fixed_h")
@@ -251,7 +240,7 @@ def main() -> None:
     summary = build_summary(args, runs, time.perf_counter() - started)
     print_table(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_result(args.out, summary)
     print(f"wrote {args.out}")
 
 

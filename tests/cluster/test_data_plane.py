@@ -79,7 +79,7 @@ async def test_two_data_nodes_failover_and_corruption(pki: Pki, tmp_path: Path) 
             order = [dn2.peer_id, dn1.peer_id]  # the corrupted provider first
             refs = [SliceRef(dataset="fox", index=i, sha256=s.sha256) for i, s in enumerate(manifest.slices)]
             for ref in refs:
-                transfers._providers[ref.key] = list(order)
+                transfers.set_providers(ref, order)
             with trio.fail_after(60):
                 # The corrupted slice comes from dn2 first: detected, fetched again from dn1.
                 path = await transfers.cache.get(refs[corrupted])
@@ -97,5 +97,5 @@ async def test_two_data_nodes_failover_and_corruption(pki: Pki, tmp_path: Path) 
             assert stats.hits >= manifest.num_slices
             assert stats.verify_failures == 0  # bad bytes never reached the cache
             assert all(transfers.cache.contains(ref) for ref in refs)
-            assert transfers._bulk.statistics().num_failed >= 1  # the corrupted transfer
+            assert transfers.bulk.statistics().num_failed >= 1  # the corrupted transfer
             nursery.cancel_scope.cancel()

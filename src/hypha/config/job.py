@@ -7,7 +7,6 @@ configs (unknown keys and wrong types are errors naming the key and file).
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +141,3 @@ def load_job(path: Path) -> JobSpec:
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in {path}", [f"{path}: {p}" for p in problems])
     return spec
-
-
-def job_with(spec: JobSpec, **changes: object) -> JobSpec:
-    """A copy of ``spec`` with top-level fields replaced (used by ``hypha up``)."""
-    return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]

@@ -97,7 +97,6 @@ class Node:
         self.dht: Dht
         self.gossip: ps.Gossip
         self._relay: CircuitV2Transport | None = None
-        self._relay_protocol: CircuitV2Protocol | None = None
         self._gateways: list[PeerInfo] = []
         self._excluded = [ipaddress.ip_network(c, strict=False) for c in settings.exclude_cidr]
         self.healthy = False
@@ -373,7 +372,6 @@ async def _start_relay(node: Node, host: Any, stack: AsyncExitStack) -> None:
         protocol = CircuitV2Protocol(host, limits, allow_hop=False)
         roles = RelayRole.STOP
     await stack.enter_async_context(background_trio_service(protocol))
-    node._relay_protocol = protocol
     node._relay = CircuitV2Transport(host, protocol, RelayConfig(roles=roles, limits=limits))
 
 

@@ -11,7 +11,6 @@ round expects, advancing rounds when it reports them closed, and collecting the 
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -437,5 +436,5 @@ async def run_job(parts: SchedulerParts, job: JobSpec) -> None:
         await nursery.start(driver.bulk.run)
         await driver.run()
         nursery.cancel_scope.cancel()
-    if math.isfinite(driver.recorder.final_loss or math.nan):
+    if driver.recorder.final_loss is not None:
         logger.info("job %s finished: final loss %.4f", job.name, driver.recorder.final_loss)

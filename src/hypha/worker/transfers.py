@@ -101,6 +101,15 @@ class Transfers:
         await self._server(request.job_id).on_finished()
         return m.Ack()
 
+    @property
+    def bulk(self) -> BulkService:
+        """The worker's bulk channel (the parameter server offers weights through it)."""
+        return self._bulk
+
+    def set_providers(self, ref: SliceRef, providers: list[str]) -> None:
+        """Who serves ``ref``, in the order to try them (the cache's fetcher fails over)."""
+        self._providers[ref.key] = list(providers)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.cache.run)

@@ -163,7 +163,7 @@ class ParameterServer:
         if path is None:
             raise JobError("weights are not ready yet")
         served = number if number in self._weights else self.round.number
-        return await self._transfers._bulk.offer(
+        return await self._transfers.bulk.offer(
             path,
             receiver=peer,
             purpose="weights",
@@ -208,7 +208,7 @@ class ParameterServer:
         from hypha.data.cache import SliceRef
 
         ref = SliceRef(dataset=doc.dataset, index=doc.eval_index, sha256=doc.eval_sha256)
-        self._transfers._providers[ref.key] = list(doc.providers)
+        self._transfers.set_providers(ref, list(doc.providers))
         try:
             path = await self._transfers.cache.get(ref)
         except HyphaError as exc:
