@@ -22,6 +22,26 @@ def test_assigns_lowest_unowned_first() -> None:
     assert tracker.assigned("a") == [0, 2]
 
 
+@pytest.mark.parametrize("order", ["abcabc", "ccbbaa", "aaabbbccc"])
+def test_stripes_make_assignment_independent_of_request_order(order: str) -> None:
+    tracker = SliceTracker(9)
+    tracker.set_workers(["c", "a", "b"])
+    got: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    for worker in order:
+        assigned = tracker.assign(worker)
+        assert assigned is not None
+        got[worker].append(assigned[0])
+    stripes = {"a": [0, 3, 6], "b": [1, 4, 7], "c": [2, 5, 8]}
+    assert got == {w: stripes[w][: len(got[w])] for w in got}
+
+
+def test_exhausted_stripe_falls_back_to_other_unowned_slices() -> None:
+    tracker = SliceTracker(4)
+    tracker.set_workers(["a", "b"])
+    assert [tracker.assign("a") for _ in range(3)] == [(0, 0), (2, 0), (1, 0)]
+    assert tracker.assign("b") == (3, 0)
+
+
 def test_new_epoch_keeps_owners_for_cache_affinity() -> None:
     tracker = SliceTracker(4)
     for worker in ("a", "b", "a", "b"):
@@ -207,6 +227,11 @@ class SliceMachine(RuleBasedStateMachine):
         for index in returned:
             del self.held[index]
         assert all(self.tracker.owner(i) != worker for i in range(self.num_slices))
+
+    @rule(workers=st.sets(st.sampled_from(WORKERS)))
+    def set_workers(self, workers: set[str]) -> None:
+        """Stripes change only which fresh slice comes first, never the invariants."""
+        self.tracker.set_workers(workers)
 
     @rule(worker=st.sampled_from(WORKERS))
     def drain(self, worker: str) -> None:

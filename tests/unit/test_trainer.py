@@ -227,9 +227,10 @@ async def test_two_rounds_of_diloco(harness: Harness) -> None:
         assert any(bool(t.abs().sum() > 0) for t in update.tensors.values())
     # Round 1 started from the pushed weights: its delta is a few AdamW steps, not the marker.
     assert float(fake.updates[1].tensors[MARKER].abs().max()) < 0.5
-    # The sync came in answer to the second report of round 0 and asked for 3 more batches.
+    # The sync came in answer to the second report of round 0 and asked for 3 more batches:
+    # exactly 3 ran after that report, however many ran while the answer was on its way.
     after_sync = sum(r.batches for r in progress if r.round == 0) - progress[0].batches - progress[1].batches
-    assert after_sync >= 3
+    assert after_sync == 3
     assert [r for r in fake.reports if isinstance(r, b.UpdateSentReport)] == [
         b.UpdateSentReport(round=u.request.round, samples=u.request.samples) for u in fake.updates
     ]

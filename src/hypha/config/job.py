@@ -120,6 +120,8 @@ class JobSpec:
         for key in ("rounds", "samples_per_round", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be positive")
+        if self.fixed_inner_steps is not None and self.fixed_inner_steps <= 0:
+            raise ValueError("fixed_inner_steps: must be positive")
         if self.parameter_server.target != 1:
             raise ValueError("parameter_server.target: exactly one parameter server is supported")
 

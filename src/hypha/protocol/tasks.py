@@ -51,6 +51,8 @@ class TrainTask(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
     throttle: float = 1.0
     """Test knob: sleep (throttle - 1) x compute time after each batch (1.0 = full speed)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    batches_per_round: int | None = None
+    """Fixed-H mode: sync after exactly this many batches each round; no sync is planned."""
 
 
 class AggregateTask(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="aggregate"):

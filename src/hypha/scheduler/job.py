@@ -106,8 +106,6 @@ class JobDriver:
         self._round_closed_event = trio.Event()
         self._adding: set[str] = set()
         self._trainer_finished = trio.Event()
-        self._fixed_done: dict[tuple[str, int], int] = {}
-        self._fixed_told: set[tuple[str, int]] = set()
 
     # --- documents ------------------------------------------------------------------------
 
@@ -122,9 +120,8 @@ class JobDriver:
 
     def _train_doc(self) -> TrainTask:
         job = self.job
-        total_steps = max(
-            1, job.rounds * job.samples_per_round // (job.batch_size * max(1, job.trainers.target))
-        )
+        per_trainer = job.samples_per_round // (job.batch_size * max(1, job.trainers.target))
+        total_steps = max(1, job.rounds * (job.fixed_inner_steps or per_trainer))
         inner = job.inner
         assert self.ps is not None
         return TrainTask(
@@ -145,6 +142,7 @@ class JobDriver:
             encoding=job.encoding,
             report_every_seconds=job.report_every_seconds,
             parameter_server=self.ps.worker,
+            batches_per_round=job.fixed_inner_steps,
         )
 
     def _aggregate_doc(self) -> AggregateTask:
@@ -259,9 +257,9 @@ class JobDriver:
             if event.batches == 0:
                 return m.Continue()
             self.recorder.batches(peer, event, now)
-            if peer in self.trainers and self.job.fixed_inner_steps is not None:
-                return self._fixed_sync(peer, event)
-            if peer not in self.trainers or event.round != self.round:
+            # Fixed-H trainers sync on their own after ``batches_per_round``.
+            fixed = self.job.fixed_inner_steps is not None
+            if fixed or peer not in self.trainers or event.round != self.round:
                 return m.Continue()
             batches = self.planner.on_batches(peer, event.batches, event.samples, event.seconds, now)
             if batches is not None:
@@ -275,19 +273,6 @@ class JobDriver:
             self.recorder.event(peer, "update_applied", event.round)
             return m.Done() if event.round + 1 >= self.job.rounds else m.Continue()
         return m.Continue()
-
-    def _fixed_sync(self, peer: str, event: m.BatchesDone) -> m.Msg:
-        """Fixed-H baseline: every trainer runs the same number of batches each round."""
-        # Keyed by the trainer's own round: its first reports of a round can arrive before
-        # the scheduler has seen that round open.
-        key = (peer, event.round)
-        done = self._fixed_done.get(key, 0) + event.batches
-        self._fixed_done[key] = done
-        if key in self._fixed_told:
-            return m.Continue()
-        self._fixed_told.add(key)
-        assert self.job.fixed_inner_steps is not None
-        return m.SyncAfter(round=event.round, batches=max(0, self.job.fixed_inner_steps - done))
 
     def _mark_used(self, worker: str, index: int) -> None:
         try:
@@ -306,6 +291,7 @@ class JobDriver:
         limit = max(1, self.tracker.num_slices // (2 * max(1, len(self.trainers))))
         if len(self.tracker.assigned(peer)) >= limit:
             return m.NoSlice(reason=f"already holds {limit} slices in flight")
+        self.tracker.set_workers(set(self.parts.trainers.workers()) | self.trainers.keys())
         assigned = self.tracker.assign(peer)
         if assigned is None:
             return m.NoSlice(reason="every slice is in use")

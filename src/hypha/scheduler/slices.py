@@ -8,7 +8,11 @@ in and become AVAILABLE for the current one when they are reported used, so trai
 prefetch never wait for the slowest one to finish its queue (which could deadlock a round). Slices keep an
 owner across epochs so a worker is handed the slices it already has cached; an idle worker
 steals from the owner with the most slices left. A lost worker's in-flight slices return
-to AVAILABLE and it loses ownership, so no slice is skipped.
+to AVAILABLE and it loses ownership, so no slice is skipped. When the job tells the tracker
+its trainers (``set_workers``), each takes fresh slices from its own stripe first (rank
+``r`` of ``n`` in peer-id order: indices ``r, r+n, r+2n, ...``), so which trainer trains on
+which data does not depend on who asked first, and a run with the same trainers and the
+same number of batches each is reproducible.
 
 This module is pure and deterministic; it does not fetch data or know data nodes. The
 scheduler's job loop answers ``NextSliceRequest``/``SliceUsed`` with it and persists it.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hypha.errors import DataError, LeaseError
@@ -60,6 +65,7 @@ class SliceTracker:
         self._owners: list[str | None] = [None] * num_slices
         self._assigned_in: list[int] = [0] * num_slices
         self._epoch = 0
+        self._stripes: dict[str, tuple[int, int]] = {}
 
     @property
     def num_slices(self) -> int:
@@ -101,14 +107,24 @@ class SliceTracker:
             if state is SliceState.ASSIGNED and owner == worker
         ]
 
+    def set_workers(self, workers: Iterable[str]) -> None:
+        """Give each of ``workers`` (ranked by id) its stripe of fresh slices."""
+        ranked = sorted(set(workers))
+        self._stripes = {worker: (rank, len(ranked)) for rank, worker in enumerate(ranked)}
+
     def _pick(self, worker: str) -> int | None:
         available = [i for i, s in enumerate(self._states) if s is SliceState.AVAILABLE]
         if not available:
             return None
-        # Cache affinity first, then a slice nobody has, then steal.
+        # Cache affinity first, then a slice nobody has (own stripe first), then steal.
         for index in available:
             if self._owners[index] == worker:
                 return index
+        if worker in self._stripes:
+            rank, size = self._stripes[worker]
+            for index in available:
+                if self._owners[index] is None and index % size == rank:
+                    return index
         for index in available:
             if self._owners[index] is None:
                 return index
@@ -122,6 +138,7 @@ class SliceTracker:
         """Hand ``worker`` its next slice and make it the slice's owner.
 
         Preference: the lowest-index AVAILABLE slice it owns, else the lowest-index
+        AVAILABLE unowned slice of its stripe (see ``set_workers``), else the lowest-index
         AVAILABLE unowned slice, else the lowest-index AVAILABLE slice of the owner with the
         most AVAILABLE slices (ties by worker id). When every slice is USED a new epoch
         starts (owners kept) and the choice is made again.

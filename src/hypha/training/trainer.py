@@ -113,7 +113,7 @@ class ProgressReporter:
         self._instruction: InstructionBody | None = None
         self._num_recorded = 0  # batches recorded since start
         self._num_at_report = 0  # batches recorded when the report that got the held instruction was sent
-        self._instruction_lag = 0  # batches run between that report and now
+        self._instruction_at = 0  # _num_at_report of the report that got the held instruction
         self._error: Exception | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hypha-progress", daemon=True)
@@ -141,7 +141,7 @@ class ProgressReporter:
             if instruction.action != "continue" and (held is None or held.action != "done"):
                 self._instruction = instruction
                 # "Sync after N" counts from the report it answers, not from its arrival.
-                self._instruction_lag = self._num_recorded - self._num_at_report
+                self._instruction_at = self._num_at_report
 
     def take_instruction(self) -> InstructionBody | None:
         """Return and clear the slot.
@@ -156,9 +156,13 @@ class ProgressReporter:
             return instruction
 
     def take_lag(self) -> int:
-        """Batches run between the report that got the last instruction and its arrival."""
+        """Batches run since the report that got the last instruction.
+
+        Call it from the training loop right after ``take_instruction``: a batch that was
+        still running when the instruction arrived counts too.
+        """
         with self._lock:
-            return self._instruction_lag
+            return self._num_recorded - self._instruction_at
 
     def flush(self) -> None:
         """Report every pending batch now (waits for a report in flight)."""
@@ -369,6 +373,8 @@ def train(
     residual: dict[str, Tensor] = {}  # encoding error carried into the next update
     while True:
         instruction = reporter.take_instruction() or _CONTINUE
+        if batches_left is None and task.batches_per_round is not None:
+            batches_left = task.batches_per_round  # fixed H: this round's sync is known now
         if instruction.action == "done":
             logger.info("job done after %d inner steps", step)
             return 0

@@ -235,7 +235,8 @@ class ParameterServer:
                 deadline = current.first_arrival + self._doc.round_deadline_seconds
             with trio.move_on_at(deadline):
                 await current.changed.wait()
-        updates = list(current.updates.values())
+        # In worker order, not arrival order: the float sums are then reproducible.
+        updates = [current.updates[worker] for worker in sorted(current.updates)]
         assert self._maths is not None
         await trio.to_thread.run_sync(self._maths.step, updates, limiter=TORCH)
         loss = await trio.to_thread.run_sync(self._maths.evaluate, limiter=TORCH)
