@@ -343,7 +343,8 @@ async def _serve_node(node: Node, host: Any) -> AsyncIterator[Node]:
         listen = [multiaddr.Multiaddr(a) for a in settings.listen_addresses]
         await stack.enter_async_context(host.run(listen_addrs=listen))
         # Services before any dial: the pubsub handler crashes the run otherwise.
-        node.gossip = await stack.enter_async_context(ps.open_gossip(host, node.directory))
+        gossip = ps.open_gossip(host, node.directory, hub=settings.relay_hop)
+        node.gossip = await stack.enter_async_context(gossip)
         dht = KadDHT(host, DHTMode.SERVER)
         node.dht = Dht(dht)
         await stack.enter_async_context(background_trio_service(dht))

@@ -133,16 +133,22 @@ class Gossip:
 
 
 @asynccontextmanager
-async def open_gossip(host: Any, directory: PeerDirectory) -> AsyncIterator[Gossip]:
-    """Start gossipsub and pubsub on ``host`` (before any dial) and yield a ``Gossip``."""
-    # Adverts must reach every worker promptly. Gateways are hubs with many directly
-    # connected peers; a wide mesh makes the gateway forward to all of them at once instead
-    # of leaving most to heartbeat gossip (seconds later, after offers have expired).
+async def open_gossip(host: Any, directory: PeerDirectory, *, hub: bool = False) -> AsyncIterator[Gossip]:
+    """Start gossipsub and pubsub on ``host`` (before any dial) and yield a ``Gossip``.
+
+    ``hub`` is for gateways: peers connect to them first, so a gateway keeps every
+    subscriber it knows in its mesh and an advert reaches all of them in one hop instead of
+    waiting for heartbeat gossip (seconds later, after offers have expired). Every other
+    node keeps a narrow mesh, as gossipsub intends: with a wide mesh on every node each
+    advert is forwarded by everyone to everyone (n squared sends), which saturates a small
+    machine exactly when many workers answer at once.
+    """
+    degree, low, high = (64, 4, 128) if hub else (6, 4, 12)
     router = GossipSub(
         protocols=[PROTOCOL_ID_V11],
-        degree=64,
-        degree_low=4,
-        degree_high=128,
+        degree=degree,
+        degree_low=low,
+        degree_high=high,
         heartbeat_interval=1,
         spam_protection_enabled=False,
         eclipse_protection_enabled=False,

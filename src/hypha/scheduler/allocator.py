@@ -1,7 +1,7 @@
 """The scheduler's side of allocation: advertise, collect offers, decide, keep leases.
 
-Owns publishing ``WorkerRequest``s (re-published while collecting, so workers freed by
-another scheduler's rejection can still answer), collecting ``Offer``s until the deadline or
+Owns publishing ``WorkerRequest``s (re-published with backoff while offers are missing, so
+workers freed by another scheduler's rejection can still answer), collecting ``Offer``s until the deadline or
 until enough have arrived and settled, dropping offers above the private maximum, ranking by
 price per weighted unit (one offer per worker), answering every offer explicitly, and
 renewing accepted leases at 75% of their lifetime. Pools (``pool.py``) decide how many.
@@ -173,7 +173,7 @@ class Allocator:
         deadline = trio.current_time() + self._deadline
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._advertise, request, deadline)
+                nursery.start_soon(self._advertise, collector, count, deadline)
                 await self._collect(collector, price, count, deadline, exclude)
                 nursery.cancel_scope.cancel()
             return self._decide(collector, price, count, exclude)
@@ -183,13 +183,21 @@ class Allocator:
                 pending.decided.set()
             self._collectors.pop(request.id, None)
 
-    async def _advertise(self, request: m.WorkerRequest, deadline: float) -> None:
+    async def _advertise(self, collector: _Collector, count: int, deadline: float) -> None:
+        """Publish now, then again while offers are missing, backing off each time.
+
+        Every publish floods the topic once more, so a slow or loaded network is not asked
+        for ever more traffic exactly when it is behind.
+        """
+        interval = self._republish
         while trio.current_time() < deadline:
-            try:
-                await self._node.gossip.publish(ids.WORKER_TOPIC, request)
-            except HyphaError as exc:
-                logger.warning("advertisement %s not published: %s", request.id, exc)
-            await trio.sleep(self._republish)
+            if len(collector.offers) < count:
+                try:
+                    await self._node.gossip.publish(ids.WORKER_TOPIC, collector.request)
+                except HyphaError as exc:
+                    logger.warning("advertisement %s not published: %s", collector.request.id, exc)
+            await trio.sleep(interval)
+            interval *= 2
 
     async def _collect(
         self,
