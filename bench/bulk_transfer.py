@@ -53,6 +53,7 @@ import trio
 from hypha.net.bulk import BulkService
 from hypha.net.host import NodeSettings, open_node
 from hypha.net.rpc import Stream, read_exactly
+from hypha.net.spares import SpareFiles
 from hypha.pki.verify import bulk_ssl_context
 from hypha.protocol import messages as m
 from hypha.testing.benchmarks import machine, write_result
@@ -69,7 +70,7 @@ SETTLE_SECONDS = 3.0
 hands freed guest memory back to the host about 2 s after it is freed; a file written right
 after another was deleted reuses warm pages and runs about 10x faster than one written later.
 The pause makes every such mode start cold, as a transfer after idle time would."""
-FILE_MODES = ("bulk", "tls_sha_file", "bulk_stream", "relay")
+FILE_MODES = ("bulk", "bulk_recycled", "tls_sha_file", "bulk_stream", "relay")
 
 
 def cpu_seconds() -> float:
@@ -344,11 +345,23 @@ async def run_receiver(args: argparse.Namespace) -> dict[str, Any]:
                 role="worker", tls=pki.node("receiver", "worker"), gateway_addresses=[gw_addr]
             )
             async with open_node(settings) as node, trio.open_nursery() as nursery:
-                bulk = BulkService(node)
+                spares = SpareFiles(root / "spare", 4 * max(args.sizes_mib) * MIB)
+                bulk = BulkService(node, spares=spares)
                 await nursery.start(bulk.run)
                 await node.connect(sender_info["addrs"][0])
                 result = await measure_all(
-                    args, root, node, bulk, pki, ports, sender, natted, sockets, sender_info, natted_info
+                    args,
+                    root,
+                    node,
+                    bulk,
+                    spares,
+                    pki,
+                    ports,
+                    sender,
+                    natted,
+                    sockets,
+                    sender_info,
+                    natted_info,
                 )
                 nursery.cancel_scope.cancel()
         finally:
@@ -364,6 +377,7 @@ async def measure_all(
     root: Path,
     node: Any,
     bulk: BulkService,
+    spares: SpareFiles,
     pki: Pki,
     ports: dict[str, int],
     sender: Child,
@@ -383,18 +397,36 @@ async def measure_all(
         sink = root / "tls-dest.bin" if to_file else None
         return await trio.to_thread.run_sync(socket_pull, port, size_mib * MIB, ctx, tls_info, sink)
 
-    async def pull_mode(child: Child, peer: str, size_mib: int, direct: bool) -> float:
-        """Ask ``child`` for an offer (not timed), then time ``BulkService.pull``."""
+    async def pull_mode(
+        child: Child, peer: str, size_mib: int, direct: bool, recycled: bool = False
+    ) -> float:
+        """Ask ``child`` for an offer (not timed), then time ``BulkService.pull``.
+
+        ``recycled``: the pull overwrites the file the previous pull of this size left (as
+        a worker overwrites an evicted slice or an applied update); the received file is
+        given back to the spares afterwards. Otherwise every spare is set aside first, so
+        the pull writes a new file, which is deleted afterwards.
+        """
         reply = await child.ask({"cmd": "offer", "size_mib": size_mib, "receiver": node.peer_id})
         offer = msgspec.convert(reply["offer"], m.TensorOffer)
         if not direct:
             offer = msgspec.structs.replace(offer, address=None)
-        before = bulk.statistics().num_direct
+        aside: list[Path] = []
+        while not recycled and spares.take(0, root / f"aside-{len(aside)}"):
+            aside.append(root / f"aside-{len(aside)}")
+        before = bulk.statistics()
         start = time.perf_counter()
         await bulk.pull(offer, peer, dest, attempts=1)
         elapsed = time.perf_counter() - start
-        assert bulk.statistics().num_direct - before == (1 if direct else 0), "wrong channel"
-        dest.unlink()
+        after = bulk.statistics()
+        assert after.num_direct - before.num_direct == (1 if direct else 0), "wrong channel"
+        assert after.num_reused - before.num_reused == (1 if recycled else 0), "spare not used as meant"
+        if recycled:
+            bulk.recycle(dest)
+        else:
+            dest.unlink()
+        for path in aside:
+            spares.give(path)
         return elapsed
 
     sender_id, natted_id = sender_info["peer_id"], natted_info["peer_id"]
@@ -402,6 +434,10 @@ async def measure_all(
     await socket_mode(ports["raw_port"], WARMUP_MIB, None)
     await socket_mode(ports["tls_port"], WARMUP_MIB, client_ctx)
     await pull_mode(sender, sender_id, WARMUP_MIB, True)
+    for size in args.sizes_mib:  # leave one used file per size for the recycled pulls
+        reply = await sender.ask({"cmd": "offer", "size_mib": size, "receiver": node.peer_id})
+        await bulk.pull(msgspec.convert(reply["offer"], m.TensorOffer), sender_id, dest, attempts=1)
+        bulk.recycle(dest)
     await stream_pull(node, sender_id, WARMUP_MIB * MIB)
     libp2p_mib, relay_mib = args.libp2p_mib, args.relay_mib
     for rep in range(args.repeat):
@@ -412,6 +448,7 @@ async def measure_all(
                 ("raw_tcp", sockets, partial(socket_mode, raw_port, size, None)),
                 ("tls_loop", sockets, partial(socket_mode, tls_port, size, client_ctx)),
                 ("bulk", sender, partial(pull_mode, sender, sender_id, size, True)),
+                ("bulk_recycled", sender, partial(pull_mode, sender, sender_id, size, True, True)),
             ]
             if size == max(args.sizes_mib):
                 modes.append(

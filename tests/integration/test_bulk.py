@@ -17,6 +17,7 @@ import trio
 from hypha.errors import TransferError
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node, NodeSettings, open_node
+from hypha.net.spares import SpareFiles
 from hypha.pki.ca import load_certificate
 from hypha.pki.verify import CertificateVerifier, TlsFiles, bulk_ssl_context
 from hypha.protocol import codec
@@ -27,8 +28,8 @@ SIZE = 9 * 1024 * 1024 + 12345  # three 4 MiB chunks, the last partial, not a TL
 
 
 @asynccontextmanager
-async def serving(node: Node) -> AsyncIterator[BulkService]:
-    bulk = BulkService(node, backoff_seconds=0.01, idle_timeout_seconds=10)
+async def serving(node: Node, spares: SpareFiles | None = None) -> AsyncIterator[BulkService]:
+    bulk = BulkService(node, backoff_seconds=0.01, idle_timeout_seconds=10, spares=spares)
     async with trio.open_nursery() as nursery:
         await nursery.start(bulk.run)
         yield bulk
@@ -81,6 +82,44 @@ async def test_direct_transfer_is_checked_and_token_used_once(
         assert receiver.statistics().num_failed == 1
         assert leftovers(dest.parent) == []
         assert not (tmp_path / "in" / "again.bin").exists()
+
+
+@pytest.mark.parametrize("channel", ["direct", "stream"])
+async def test_pull_overwrites_a_recycled_file_exactly(
+    pki: Pki, payload: Path, tmp_path: Path, channel: str
+) -> None:
+    spares = SpareFiles(tmp_path / "in" / "spare", max_bytes=1 << 30)
+    async with (
+        open_test_node(pki, "a", "worker") as a,
+        open_test_node(pki, "b", "worker") as b,
+        serving(a) as sender,
+        serving(b, spares) as receiver,
+    ):
+        if channel == "stream":
+            await b.connect(a.listen_addrs()[0])
+        # A used file longer than the next transfer, with other bytes in it.
+        used = tmp_path / "in" / "applied-update.safetensors"
+        used.write_bytes(b"\xff" * (SIZE + 5000))
+        receiver.recycle(used)
+        assert not used.exists()
+        offer = await sender.offer(payload, receiver=b.peer_id, purpose="update")
+        if channel == "stream":
+            offer = msgspec.structs.replace(offer, address=None)
+        dest = tmp_path / "in" / "got.safetensors"
+        with trio.fail_after(20):
+            await receiver.pull(offer, a.peer_id, dest)
+        assert dest.read_bytes() == payload.read_bytes()  # overwritten and cut to size
+        assert receiver.statistics().num_reused == 1
+        assert spares.num_bytes == 0
+        # With no spare left, the next pull writes a new file.
+        again = await sender.offer(payload, receiver=b.peer_id, purpose="update")
+        if channel == "stream":
+            again = msgspec.structs.replace(again, address=None)
+        with trio.fail_after(20):
+            await receiver.pull(again, a.peer_id, tmp_path / "in" / "new.safetensors")
+        assert (tmp_path / "in" / "new.safetensors").read_bytes() == payload.read_bytes()
+        assert receiver.statistics().num_reused == 1
+        assert leftovers(dest.parent) == []
 
 
 @pytest.mark.parametrize("channel", ["direct", "stream"])

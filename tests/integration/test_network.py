@@ -133,7 +133,7 @@ async def test_plain_libp2p_node_is_refused(pki: Pki, caplog) -> None:
 
 
 async def test_malformed_and_oversized_rpc_rejected_node_keeps_serving(pki: Pki, caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="hypha.net.rpc")
+    caplog.set_level(logging.INFO, logger="hypha.net.rpc")
     async with (
         open_test_node(pki, "gw", "gateway", relay_hop=True) as gw,
         open_test_node(pki, "client", "worker", gateways=[gw.listen_addrs()[0]]) as client,
@@ -153,6 +153,12 @@ async def test_malformed_and_oversized_rpc_rejected_node_keeps_serving(pki: Pki,
             assert reply.code == "bad_request"
         assert gw.rpc.num_rejected == len(cases)
         assert sum("rejected request" in r.getMessage() for r in caplog.records) == len(cases)
+        # A stream closed before its first byte is a cancelled request, not a malformed one.
+        stream = await client.open_stream(gw.peer_id, ids.API_PROTOCOL)
+        await stream.close()
+        with trio.fail_after(5):
+            await wait_until(lambda: any("abandoned" in r.getMessage() for r in caplog.records))
+        assert gw.rpc.num_rejected == len(cases)
         # An unknown request kind is refused too, and the node still answers good requests.
         with pytest.raises(RemoteError, match="unsupported"):
             await client.request(gw.peer_id, m.EchoRequest(payload="x"), m.EchoResponse)

@@ -133,6 +133,11 @@ class WorkerConfig(ClientNetworkSection):
     kill_grace_seconds: float = doc("Seconds between SIGTERM and SIGKILL when stopping an executor.", 5.0)
     cache_slices: int = doc("Dataset slices kept in the worker's cache (least recently used evicted).", 64)
     prefetch_depth: int = doc("Slices fetched ahead of the executor's requests.", 2)
+    spare_bytes: int = doc(
+        "Bytes of used files (evicted slices, applied updates) kept for transfers to overwrite: "
+        "faster than writing new files. 0 turns it off.",
+        1 << 30,
+    )
     throttle: float = doc(
         "Test knob: train N times slower than this machine can (emulates a slow worker).", 1.0
     )
@@ -148,6 +153,8 @@ class WorkerConfig(ClientNetworkSection):
                 raise ValueError(f"{key}: must be positive")
         if self.cache_slices < 1 or self.prefetch_depth < 0:
             raise ValueError("cache_slices/prefetch_depth: cache_slices >= 1, prefetch_depth >= 0")
+        if self.spare_bytes < 0:
+            raise ValueError("spare_bytes: must not be negative")
 
 
 @dataclass(frozen=True)

@@ -114,9 +114,17 @@ class SliceCache:
         capacity: The most slice files to keep; pinned files may exceed it for a while.
         fetch: Downloads a slice into a temporary path.
         prefetch_depth: How many background fetches ``prefetch`` may queue and run.
+        discard: Disposes of an evicted file (default: unlink); a worker recycles them.
     """
 
-    def __init__(self, root: Path, capacity: int, fetch: Fetcher, prefetch_depth: int = 2) -> None:
+    def __init__(
+        self,
+        root: Path,
+        capacity: int,
+        fetch: Fetcher,
+        prefetch_depth: int = 2,
+        discard: Callable[[Path], object] | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if prefetch_depth < 0:
@@ -125,6 +133,7 @@ class SliceCache:
         self._capacity = capacity
         self._fetch = fetch
         self._prefetch_depth = prefetch_depth
+        self._discard = discard or (lambda path: path.unlink(missing_ok=True))
         self._entries: OrderedDict[_Identity, _Entry] = OrderedDict()
         self._unverified: dict[tuple[str, int, str], Path] = {}
         self._jobs: dict[_Identity, _Job] = {}
@@ -340,7 +349,7 @@ class SliceCache:
 
     def _evict(self, keep: _Entry | None = None) -> None:
         """Delete files beyond capacity: unverified leftovers first, then LRU unpinned ones."""
-        # Unlinking is a quick metadata operation; it runs inline rather than in a thread.
+        # Unlinking (or recycling: a rename) is a quick metadata operation; it runs inline.
         while len(self._entries) + len(self._unverified) > self._capacity:
             if self._unverified:
                 key = next(iter(self._unverified))
@@ -352,7 +361,7 @@ class SliceCache:
                 )
                 if victim is None:
                     return  # everything left is pinned (or kept)
-                self._entries.pop(victim).path.unlink(missing_ok=True)
+                self._discard(self._entries.pop(victim).path)
             self._evictions += 1
 
     def _scan(self) -> None:

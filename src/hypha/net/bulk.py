@@ -36,6 +36,7 @@ from cryptography import x509
 from hypha.errors import AdmissionError, HyphaError, ProtocolError, TransferError
 from hypha.net.host import Node
 from hypha.net.rpc import Stream, read_frame, write_frame
+from hypha.net.spares import SpareFiles
 from hypha.pki.verify import CertificateVerifier, PeerCredentials, bulk_ssl_context
 from hypha.protocol import codec, ids
 from hypha.protocol import messages as m
@@ -65,6 +66,8 @@ class BulkStatistics:
     num_retries: int
     num_refused: int
     """Requests this sender refused: TLS handshake, unknown token, wrong peer, changed file."""
+    num_reused: int
+    """Pulls that overwrote a spare file instead of creating a new one."""
     num_pending: int
 
 
@@ -77,6 +80,7 @@ class _Counters:
     num_failed: int = 0
     num_retries: int = 0
     num_refused: int = 0
+    num_reused: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,8 @@ class BulkService:
         backoff_seconds: delay before the first retry of a pull; it doubles per retry.
         idle_timeout_seconds: longest silence on a transfer before it counts as failed.
         max_threads: worker threads for byte loops and file I/O.
+        spares: recycled files that pulls overwrite instead of creating new ones (see
+            ``spares.py``); ``recycle`` gives files back to it.
     """
 
     def __init__(
@@ -112,8 +118,10 @@ class BulkService:
         backoff_seconds: float = 0.1,
         idle_timeout_seconds: float = 30.0,
         max_threads: int = 8,
+        spares: SpareFiles | None = None,
     ) -> None:
         self._node = node
+        self._spares = spares
         files = node.settings.tls
         self._server_ctx = bulk_ssl_context(files, server_side=True)
         self._client_ctx = bulk_ssl_context(files, server_side=False)
@@ -129,6 +137,13 @@ class BulkService:
     def address(self) -> str | None:
         """``host:port`` of the direct listener, or None when the node does not listen."""
         return self._address
+
+    def recycle(self, path: Path) -> None:
+        """Done with ``path`` (a file received earlier): keep it for a later pull, or delete it."""
+        if self._spares is None:
+            Path(path).unlink(missing_ok=True)
+        else:
+            self._spares.give(path)
 
     def statistics(self) -> BulkStatistics:
         return BulkStatistics(**dataclasses.asdict(self._counts), num_pending=len(self._pending))
@@ -402,7 +417,9 @@ class BulkService:
 
     async def _pull_once(self, offer: m.TensorOffer, sender: str, dest: Path) -> str:
         """One attempt; return the channel used ("direct" or "stream")."""
-        sink = await trio.to_thread.run_sync(_Sink.create, dest, limiter=self._limiter)
+        sink = await trio.to_thread.run_sync(
+            _Sink.create, dest, offer.size, self._spares, limiter=self._limiter
+        )
         try:
             channel = "stream"
             if offer.address:
@@ -414,6 +431,7 @@ class BulkService:
             if channel == "stream":
                 await self._pull_stream(offer, sender, sink)
             await trio.to_thread.run_sync(sink.commit, limiter=self._limiter)
+            self._counts.num_reused += sink.reused
             return channel
         finally:
             with trio.CancelScope(shield=True):
@@ -520,20 +538,26 @@ class BulkService:
 class _Sink:
     """A temp file next to ``dest`` that hashes what is written; ``commit`` moves it in place.
 
-    Every method but ``verdict`` and ``check`` does file I/O and runs in a worker thread.
+    The temp file is a recycled spare when one is available (overwritten from the start and
+    truncated at ``commit``), else a new file. Every method but ``verdict`` and ``check``
+    does file I/O and runs in a worker thread.
     """
 
-    def __init__(self, dest: Path, tmp: Path) -> None:
+    def __init__(self, dest: Path, tmp: Path, spares: SpareFiles | None, reused: bool) -> None:
         self.dest, self.tmp = dest, tmp
-        self.file = open(tmp, "wb")  # noqa: SIM115 - closed by commit or discard
+        self.reused = reused
+        self._spares = spares
+        self.file = open(tmp, "r+b" if reused else "wb")  # noqa: SIM115 - closed by commit or discard
         self.hash = hashlib.sha256()
         self._checked = False
 
     @classmethod
-    def create(cls, dest: Path) -> _Sink:
+    def create(cls, dest: Path, size: int = 0, spares: SpareFiles | None = None) -> _Sink:
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            return cls(dest, dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part"))
+            tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+            reused = spares is not None and spares.take(size, tmp)
+            return cls(dest, tmp, spares, reused)
         except OSError as exc:
             raise _FinalError(f"cannot write to {dest.parent}: {exc}") from exc
 
@@ -558,6 +582,7 @@ class _Sink:
     def commit(self) -> None:
         assert self._checked, "commit before check"
         try:
+            self.file.truncate()  # a longer spare ends where the transfer did
             self.file.close()
             os.replace(self.tmp, self.dest)
         except OSError as exc:
@@ -565,8 +590,11 @@ class _Sink:
 
     def discard(self) -> None:
         self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
+        if self._spares is not None:
+            self._spares.give(self.tmp)  # ignores a committed (moved) temp file
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
 
 
 def _receive_blocking(tls: ssl.SSLSocket, offer: m.TensorOffer, sink: _Sink) -> None:

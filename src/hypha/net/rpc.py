@@ -37,17 +37,25 @@ class Stream(Protocol):
     async def reset(self) -> None: ...
 
 
+class StreamEnded(ProtocolError):
+    """The stream ended before a whole frame; ``received`` bytes of ``size`` had arrived."""
+
+    def __init__(self, received: int, size: int) -> None:
+        super().__init__(f"stream ended after {received} of {size} bytes")
+        self.received = received
+
+
 async def read_exactly(stream: Stream, size: int) -> bytes:
-    """Read exactly ``size`` bytes or raise ``ProtocolError`` on a short stream."""
+    """Read exactly ``size`` bytes or raise ``StreamEnded`` on a short stream."""
     chunks: list[bytes] = []
     remaining = size
     while remaining > 0:
         try:
             chunk = await stream.read(min(remaining, 1 << 20))
         except Exception as exc:  # libp2p raises StreamEOF/StreamReset and friends
-            raise ProtocolError(f"stream ended after {size - remaining} of {size} bytes") from exc
+            raise StreamEnded(size - remaining, size) from exc
         if not chunk:
-            raise ProtocolError(f"stream ended after {size - remaining} of {size} bytes")
+            raise StreamEnded(size - remaining, size)
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)
@@ -57,7 +65,11 @@ async def read_frame(stream: Stream, limit: int = codec.MAX_FRAME_BYTES) -> m.Ms
     """Read one frame and decode it; every failure is a ``hypha.errors.ProtocolError``."""
     try:
         length = codec.parse_header(await read_exactly(stream, codec.HEADER.size), limit)
-        return codec.decode_body(await read_exactly(stream, length))
+        try:
+            body = await read_exactly(stream, length)
+        except StreamEnded as exc:  # count the header too: something did arrive
+            raise StreamEnded(codec.HEADER.size + exc.received, codec.HEADER.size + length) from exc
+        return codec.decode_body(body)
     except ProtocolError:
         raise
     except codec.ProtocolError as exc:
@@ -117,6 +129,13 @@ class RpcServer:
         try:
             with trio.fail_after(self._timeout):
                 request = await read_frame(stream)
+        except StreamEnded as exc:
+            if exc.received:
+                await self._reject(stream, peer, "bad_request", str(exc))
+            else:  # the peer gave up (cancelled) before sending anything: nothing malformed
+                logger.info("request from %s abandoned before its first byte", peer)
+            await _close(stream)
+            return
         except ProtocolError as exc:
             await self._reject(stream, peer, "bad_request", str(exc))
             await _close(stream)

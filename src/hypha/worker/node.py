@@ -17,6 +17,7 @@ from hypha.config.schema import WorkerConfig
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
 from hypha.net.runner import run_role, settings_from_config
+from hypha.net.spares import SpareFiles
 from hypha.resources import Resources
 from hypha.worker.arbiter import Arbiter
 from hypha.worker.jobs import JobManager
@@ -48,7 +49,8 @@ class Worker:
             batch_window_seconds=config.batch_window_seconds,
         )
         self.jobs = JobManager(node, self.leases, config)
-        self.bulk = BulkService(node)
+        spares = SpareFiles(config.work_dir / "spare", config.spare_bytes) if config.spare_bytes else None
+        self.bulk = BulkService(node, spares=spares)
         self.transfers = Transfers(node, self.bulk, config, self.jobs)
         self.jobs.services = self.transfers
 

@@ -76,6 +76,7 @@ class Transfers:
             config.cache_slices,
             self._fetch_slice,
             prefetch_depth=config.prefetch_depth,
+            discard=bulk.recycle,
         )
         self.aggregators: dict[str, UpdateSink] = {}
         self.parameter_servers: dict[str, ParameterServer] = {}

@@ -241,8 +241,8 @@ class ParameterServer:
         await trio.to_thread.run_sync(self._maths.step, updates, limiter=TORCH)
         loss = await trio.to_thread.run_sync(self._maths.evaluate, limiter=TORCH)
         samples = sum(u.samples for u in updates)
-        for update in updates:
-            update.path.unlink(missing_ok=True)
+        for update in updates:  # next round's updates overwrite these files (same size)
+            self._transfers.bulk.recycle(update.path)
         self.round = _Round(
             current.number + 1, expected=set(current.expected), min_updates=current.min_updates
         )
