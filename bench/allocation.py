@@ -64,7 +64,7 @@ DEADLINE_SECONDS = 3.0
 MAX_ROUNDS = 3
 CONFIRM_SECONDS = 3.0
 LEASE_SECONDS = 30.0
-MEMORY_LEASE_SECONDS = 2.0
+MEMORY_LEASE_SECONDS = 6.0
 PAUSE_SECONDS = 0.5
 """Untimed pause after releasing, so stray re-published adverts of the last request drain."""
 SPEC = WorkerSpec(
@@ -276,6 +276,7 @@ async def hold_leases(pki: Pki, gateway: str, num_workers: int, name: str, trace
         _, grants, _ = await allocate_all(allocator, num_workers)
         if traced:
             tracemalloc.start()
+            before = measure()
         try:
             async with trio.open_nursery() as keepers:
                 for grant in grants:

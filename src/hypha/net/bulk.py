@@ -36,6 +36,7 @@ from cryptography import x509
 from hypha.errors import AdmissionError, HyphaError, ProtocolError, TransferError
 from hypha.net.host import Node
 from hypha.net.rpc import Stream, read_frame, write_frame
+from hypha.net.sink import FinalTransferError, HashingWriter, Sink
 from hypha.net.spares import SpareFiles
 from hypha.pki.verify import CertificateVerifier, PeerCredentials, bulk_ssl_context
 from hypha.protocol import codec, ids
@@ -89,10 +90,6 @@ class _Pending:
     path: Path
     receiver: str
     expires_at: float
-
-
-class _FinalError(TransferError):
-    """Retrying cannot help: the sender refused, or the destination cannot be written."""
 
 
 class _DirectUnavailableError(TransferError):
@@ -398,7 +395,7 @@ class BulkService:
                 delay *= 2
             try:
                 channel = await self._pull_once(offer, sender, dest)
-            except _FinalError:
+            except FinalTransferError:
                 self._counts.num_failed += 1
                 raise
             except HyphaError as exc:
@@ -418,7 +415,7 @@ class BulkService:
     async def _pull_once(self, offer: m.TensorOffer, sender: str, dest: Path) -> str:
         """One attempt; return the channel used ("direct" or "stream")."""
         sink = await trio.to_thread.run_sync(
-            _Sink.create, dest, offer.size, self._spares, limiter=self._limiter
+            Sink.create, dest, offer.size, self._spares, limiter=self._limiter
         )
         try:
             channel = "stream"
@@ -437,7 +434,7 @@ class BulkService:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(sink.discard, limiter=self._limiter)
 
-    async def _pull_direct(self, offer: m.TensorOffer, sender: str, sink: _Sink) -> None:
+    async def _pull_direct(self, offer: m.TensorOffer, sender: str, sink: Sink) -> None:
         host, _, port = (offer.address or "").rpartition(":")
         host = host.strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -461,7 +458,7 @@ class BulkService:
             except OSError as exc:
                 raise TransferError(f"direct transfer from {offer.address} broke: {exc}") from exc
 
-    async def _pull_stream(self, offer: m.TensorOffer, sender: str, sink: _Sink) -> None:
+    async def _pull_stream(self, offer: m.TensorOffer, sender: str, sink: Sink) -> None:
         stream = await self._node.open_stream(sender, ids.TENSOR_PROTOCOL)
         try:
             with trio.fail_after(self._idle):
@@ -535,90 +532,31 @@ class BulkService:
         return results[0]
 
 
-class _Sink:
-    """A temp file next to ``dest`` that hashes what is written; ``commit`` moves it in place.
-
-    The temp file is a recycled spare when one is available (overwritten from the start and
-    truncated at ``commit``), else a new file. Every method but ``verdict`` and ``check``
-    does file I/O and runs in a worker thread.
-    """
-
-    def __init__(self, dest: Path, tmp: Path, spares: SpareFiles | None, reused: bool) -> None:
-        self.dest, self.tmp = dest, tmp
-        self.reused = reused
-        self._spares = spares
-        self.file = open(tmp, "r+b" if reused else "wb")  # noqa: SIM115 - closed by commit or discard
-        self.hash = hashlib.sha256()
-        self._checked = False
-
-    @classmethod
-    def create(cls, dest: Path, size: int = 0, spares: SpareFiles | None = None) -> _Sink:
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
-            reused = spares is not None and spares.take(size, tmp)
-            return cls(dest, tmp, spares, reused)
-        except OSError as exc:
-            raise _FinalError(f"cannot write to {dest.parent}: {exc}") from exc
-
-    def write(self, *chunks: bytes | memoryview) -> None:
-        try:
-            for chunk in chunks:
-                self.hash.update(chunk)
-                self.file.write(chunk)
-        except OSError as exc:
-            raise _FinalError(f"cannot write {self.tmp}: {exc}") from exc
-
-    def verdict(self, offer: m.TensorOffer) -> m.TransferDone:
-        """The confirmation for the sender: did the bytes arrive intact?"""
-        ok = self.hash.hexdigest() == offer.sha256
-        return m.TransferDone(transfer_id=offer.transfer_id, ok=ok, detail="" if ok else "sha256 mismatch")
-
-    def check(self, sha256: str) -> None:
-        if self.hash.hexdigest() != sha256:
-            raise TransferError(f"sha256 mismatch: expected {sha256}, received {self.hash.hexdigest()}")
-        self._checked = True
-
-    def commit(self) -> None:
-        assert self._checked, "commit before check"
-        try:
-            self.file.truncate()  # a longer spare ends where the transfer did
-            self.file.close()
-            os.replace(self.tmp, self.dest)
-        except OSError as exc:
-            raise _FinalError(f"cannot store {self.dest}: {exc}") from exc
-
-    def discard(self) -> None:
-        self.file.close()
-        if self._spares is not None:
-            self._spares.give(self.tmp)  # ignores a committed (moved) temp file
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.tmp)
-
-
-def _receive_blocking(tls: ssl.SSLSocket, offer: m.TensorOffer, sink: _Sink) -> None:
+def _receive_blocking(tls: ssl.SSLSocket, offer: m.TensorOffer, sink: Sink) -> None:
     """Request, receive and confirm one transfer on a connected, verified TLS socket.
 
-    Decrypting, hashing and writing alternate in this one thread: a separate disk thread fed
-    through a queue measured no faster on the two-core benchmark machine.
+    This thread decrypts into one buffer while a ``HashingWriter`` thread hashes and writes
+    the previous ones, so the two run on two cores.
     """
     tls.sendall(codec.encode_frame(m.StreamPullRequest(transfer_id=offer.transfer_id, token=offer.token)))
     _expect_go(_read_frame_blocking(tls), offer)
-    view = memoryview(bytearray(min(CHUNK_BYTES, max(offer.size, 1))))
-    remaining = offer.size
-    while remaining > 0:
-        chunk = view[: min(len(view), remaining)]
-        _fill(tls, chunk)
-        sink.write(chunk)
-        remaining -= len(chunk)
+    with HashingWriter(sink, min(CHUNK_BYTES, max(offer.size, 1))) as writer:
+        remaining = offer.size
+        while remaining > 0:
+            buffer = writer.buffer()
+            length = min(len(buffer), remaining)
+            _fill(tls, buffer[:length])
+            writer.submit(buffer, length)
+            remaining -= length
     tls.sendall(codec.encode_frame(sink.verdict(offer)))
     sink.check(offer.sha256)
 
 
 def _expect_go(reply: m.Msg, offer: m.TensorOffer) -> None:
     if isinstance(reply, m.ErrorResponse):
-        raise _FinalError(f"the sender refused transfer {offer.transfer_id}: {reply.code}: {reply.detail}")
+        raise FinalTransferError(
+            f"the sender refused transfer {offer.transfer_id}: {reply.code}: {reply.detail}"
+        )
     if not isinstance(reply, m.TransferDone) or not reply.ok or reply.transfer_id != offer.transfer_id:
         raise ProtocolError(f"expected TransferDone for {offer.transfer_id}, got {reply}")
 
