@@ -7,6 +7,8 @@ Every mode moves bytes from a sender process to this (receiver) process on 127.0
   bulk channel's contexts and certificates: the practical limit of one encrypted stream.
 - ``bulk``: ``BulkService.pull`` of an offered file over the direct TLS channel (connect,
   handshake, peer check, file read, sha256 and write to a new file, rename, confirmation).
+- ``bulk_recycled``: the same pull into a spare file (``net/spares.py``) the previous pull of
+  that size left, as a worker overwrites evicted slices and applied updates.
 - ``libp2p_stream``: bytes on one py-libp2p stream (TLS, Yamux) between two Hypha nodes.
 - ``bulk_stream``: ``BulkService.pull`` forced onto the libp2p stream fallback (no relay).
 - ``relay``: ``BulkService.pull`` from a node that does not listen, through a gateway's relay
@@ -398,14 +400,14 @@ async def measure_all(
         return await trio.to_thread.run_sync(socket_pull, port, size_mib * MIB, ctx, tls_info, sink)
 
     async def pull_mode(
-        child: Child, peer: str, size_mib: int, direct: bool, recycled: bool = False
+        child: Child, peer: str, size_mib: int, direct: bool, recycled: bool = False, keep: bool = False
     ) -> float:
         """Ask ``child`` for an offer (not timed), then time ``BulkService.pull``.
 
         ``recycled``: the pull overwrites the file the previous pull of this size left (as
         a worker overwrites an evicted slice or an applied update); the received file is
         given back to the spares afterwards. Otherwise every spare is set aside first, so
-        the pull writes a new file, which is deleted afterwards.
+        the pull writes a new file, which is deleted afterwards (``keep``: becomes a spare).
         """
         reply = await child.ask({"cmd": "offer", "size_mib": size_mib, "receiver": node.peer_id})
         offer = msgspec.convert(reply["offer"], m.TensorOffer)
@@ -421,7 +423,7 @@ async def measure_all(
         after = bulk.statistics()
         assert after.num_direct - before.num_direct == (1 if direct else 0), "wrong channel"
         assert after.num_reused - before.num_reused == (1 if recycled else 0), "spare not used as meant"
-        if recycled:
+        if recycled or keep:
             bulk.recycle(dest)
         else:
             dest.unlink()
@@ -435,9 +437,7 @@ async def measure_all(
     await socket_mode(ports["tls_port"], WARMUP_MIB, client_ctx)
     await pull_mode(sender, sender_id, WARMUP_MIB, True)
     for size in args.sizes_mib:  # leave one used file per size for the recycled pulls
-        reply = await sender.ask({"cmd": "offer", "size_mib": size, "receiver": node.peer_id})
-        await bulk.pull(msgspec.convert(reply["offer"], m.TensorOffer), sender_id, dest, attempts=1)
-        bulk.recycle(dest)
+        await pull_mode(sender, sender_id, size, True, keep=True)
     await stream_pull(node, sender_id, WARMUP_MIB * MIB)
     libp2p_mib, relay_mib = args.libp2p_mib, args.relay_mib
     for rep in range(args.repeat):
@@ -504,6 +504,18 @@ def summarize(args: argparse.Namespace, rec: Recorder, tls_info: dict[str, Any])
         },
         {"name": "bulk_over_libp2p_stream", "size_mib": big, "metric": "ratio", "value": bulk_big / libp2p},
         {
+            "name": "bulk_recycled_over_tls_loop",
+            "size_mib": big,
+            "metric": "ratio",
+            "value": rec.median("bulk_recycled", big) / tls_big,
+        },
+        {
+            "name": "bulk_recycled_over_libp2p_stream",
+            "size_mib": big,
+            "metric": "ratio",
+            "value": rec.median("bulk_recycled", big) / libp2p,
+        },
+        {
             "name": "bulk_over_relay",
             "size_mib": big,
             "metric": "ratio",
@@ -525,7 +537,8 @@ def summarize(args: argparse.Namespace, rec: Recorder, tls_info: dict[str, Any])
             "libp2p_stream_writes_bytes": STREAM_CHUNK,
             "tls": f"{tls_info.get('tls_version')} {tls_info.get('cipher')}, mutual, bulk_ssl_context",
             "libp2p": "py-libp2p, TLS 1.3 (Hypha admission) + Yamux, one connection",
-            "bulk_receiver": "new file via temp + os.replace, sha256 checked, sockets with 30 s timeouts",
+            "bulk_receiver": "bulk: new file via temp + os.replace, sha256 checked, sockets with 30 s "
+            "timeouts; bulk_recycled: the same into a spare file left by the previous pull of that size",
             "settle_seconds_before_file_modes": SETTLE_SECONDS,
             "openssl": ssl.OPENSSL_VERSION,
             "python": platform.python_version(),
