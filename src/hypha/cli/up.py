@@ -66,6 +66,8 @@ async def _watch(plan: LocalPlan, console: Console, done: trio.Event) -> None:
             with trio.move_on_after(0.5):
                 await done.wait()
         live.update(_render(read_status(plan.out), plan))
+    if not console.is_terminal:
+        console.print()  # a redirected Live leaves its last frame without a line end
 
 
 def run_up(plan: LocalPlan, console: Console, *, single_process: bool, live: bool) -> int:
