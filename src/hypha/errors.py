@@ -75,3 +75,7 @@ class DataError(HyphaError):
 
 class JobError(HyphaError):
     """A job that cannot run as specified, or whose executor failed."""
+
+
+class NotReadyError(HyphaError):
+    """Nothing to give yet (no slice free right now, weights of a round not out yet): retry."""

@@ -429,6 +429,7 @@ async def test_unknown_route_and_wrong_method(bridge: Bridge) -> None:
         (errors.PeerUnreachableError("no route"), 502, "network_error"),
         (errors.TransferError("sha256 mismatch"), 502, "transfer_error"),
         (errors.DataError("slice 9 out of range"), 400, "data_error"),
+        (errors.NotReadyError("no slice available right now"), 503, "not_ready"),
         (ValueError("uri scheme not allowed"), 400, "invalid_request"),
         (errors.LeaseError("lease expired"), 409, "conflict"),
         (OSError(28, "No space left on device"), 500, "io_error"),

@@ -95,7 +95,7 @@ class FakeWorker:
         if isinstance(ref, b.WeightsRef):
             self.num_weights_fetches += 1
             if self.num_weights_fetches == 1:  # the parameter server has not published yet
-                raise errors.JobError("weights are not ready yet")
+                raise errors.NotReadyError("weights are not ready yet")
             meta = {"round": "0"}
             size = save_tensors_file(work_dir / "weights.safetensors", self.global_params, "fp16", meta)
             return [b.FetchedFile(path="weights.safetensors", size=size, sha256="0" * 64)]
@@ -104,7 +104,7 @@ class FakeWorker:
         self.num_slice_fetches += 1
         # No slice yet, said both ways a worker says it: the trainer backs off and retries.
         if n == 0:
-            raise errors.DataError("no slice available right now: all assigned")
+            raise errors.NotReadyError("no slice available right now: all assigned")
         if n == 1:
             return []
         generator = torch.Generator().manual_seed(n)

@@ -94,6 +94,8 @@ def _classify(exc: BaseException) -> tuple[int, str]:
     """Map a backend exception to an HTTP status and an ``ErrorBody.error`` code."""
     if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         return _classify(exc.exceptions[0])
+    if isinstance(exc, errors.NotReadyError):
+        return 503, "not_ready"
     if isinstance(exc, errors.DataError):
         return 400, "data_error"
     if isinstance(exc, ValueError):

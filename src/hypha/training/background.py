@@ -241,8 +241,8 @@ class SlicePrefetcher:
 def fetch_when_ready(session: Session, ref: Reference, stop: threading.Event) -> list[FetchedFile]:
     """Fetch ``ref``, retrying with backoff while the worker has nothing to give yet.
 
-    "Not yet" is an empty answer, a refusal that says no slice is available or the
-    weights are not ready, or a failed transfer (502/503).
+    "Not yet" is an empty answer, the worker's ``not_ready`` refusal (no slice free right
+    now, weights of the round not out yet) or a failed transfer (502/503).
 
     Returns:
         The files; an empty list only when ``stop`` was set.
@@ -256,9 +256,7 @@ def fetch_when_ready(session: Session, ref: Reference, stop: threading.Event) ->
         try:
             files = session.fetch(ref)
         except BridgeError as exc:
-            detail = exc.detail.lower()
-            not_yet = "no slice" in detail or "not ready" in detail or exc.error in ("no_slice", "not_ready")
-            if not (not_yet or exc.status in (502, 503)):
+            if not (exc.error == "not_ready" or exc.status in (502, 503)):
                 raise
             logger.info("%s not available yet (%s); retrying", type(ref).__name__, exc)
             files = []

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from hypha.data.cache import SliceCache, SliceRef
-from hypha.errors import DataError, HyphaError, JobError, TransferError
+from hypha.errors import DataError, HyphaError, JobError, NotReadyError, RemoteError, TransferError
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
 from hypha.protocol import bridge as b
@@ -139,7 +139,7 @@ class Transfers:
             task.scheduler, m.NextSliceRequest(job_id=task.job_id, dataset=name), m.Msg
         )
         if isinstance(reply, m.NoSlice):
-            raise DataError(f"no slice available right now: {reply.reason}")
+            raise NotReadyError(f"no slice available right now: {reply.reason}")
         assign = codec.expect(reply, m.SliceAssign)
         for hint in assign.upcoming:
             self._providers[(assign.dataset, hint.index)] = list(assign.providers)
@@ -191,9 +191,14 @@ class Transfers:
         doc = self._train_doc(task)
         if not doc.parameter_server:
             raise JobError("the job names no parameter server")
-        offer = await self._node.request(
-            doc.parameter_server, m.WeightsRequest(job_id=task.job_id, round=round_), m.TensorOffer
-        )
+        try:
+            offer = await self._node.request(
+                doc.parameter_server, m.WeightsRequest(job_id=task.job_id, round=round_), m.TensorOffer
+            )
+        except RemoteError as exc:
+            if exc.code == NotReadyError.__name__:
+                raise NotReadyError(exc.detail) from exc
+            raise
         rel = Path("weights") / f"global-{offer.round:05d}.safetensors"
         await self._bulk.pull(offer, doc.parameter_server, work_dir / rel)
         return b.FetchedFile(path=str(rel), size=offer.size, sha256=offer.sha256)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from hypha.errors import HyphaError, JobError
+from hypha.errors import HyphaError, JobError, NotReadyError
 from hypha.protocol import codec
 from hypha.protocol import messages as m
 from hypha.protocol.tasks import AggregateTask
@@ -161,7 +161,7 @@ class ParameterServer:
         number = self.round.number if request.round is None else request.round
         path = self._weights.get(number) or self._weights.get(self.round.number)
         if path is None:
-            raise JobError("weights are not ready yet")
+            raise NotReadyError("weights are not ready yet")
         served = number if number in self._weights else self.round.number
         return await self._transfers.bulk.offer(
             path,
