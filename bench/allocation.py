@@ -343,7 +343,7 @@ def memory_rows(memory: dict[str, Any]) -> list[dict[str, Any]]:
             "traced_lease_bytes_per_worker",
             "traced",
             "after",
-            "tracemalloc: keeping a lease (grant, keep task)",
+            "tracemalloc: freed by releasing the lease (grant, keep task, renewal state)",
         ),
     ):
         raw = memory[source]
