@@ -147,3 +147,33 @@ async def test_straggler_gets_fewer_batches_and_rounds_do_not_stall(pki: Pki, tm
     assert batches[slow] < 0.6 * min(fast), batches
     # Compute time per round is balanced: the slow trainer is not asked for the same work.
     assert len([line for line in lines if line["worker"] == "global"]) == 3
+
+
+async def test_hugging_face_model_trains_end_to_end(pki: Pki, tmp_path: Path) -> None:
+    """A job naming a local Hugging Face config directory: trainers and the PS build it."""
+    from safetensors.torch import load_file
+
+    from hypha.training.diloco import load_params
+    from hypha.training.models import build_hf_model
+
+    config_dir = tmp_path / "tiny-gpt2"
+    config_dir.mkdir()
+    (config_dir / "config.json").write_text(
+        '{"model_type": "gpt2", "vocab_size": 256, "n_positions": 64, "n_embd": 32,'
+        ' "n_layer": 1, "n_head": 2, "bos_token_id": 0, "eos_token_id": 0}'
+    )
+    async with network(pki, tmp_path) as addr:
+        job = job_spec(
+            tmp_path,
+            "hf",
+            rounds=3,
+            fixed_inner_steps=16,
+            model={"kind": "hf", "path": str(config_dir)},
+        )
+        lines = await run_job(pki, addr, job, "sched-hf")
+    global_losses = [line["loss"] for line in lines if line["worker"] == "global"]
+    assert len(global_losses) == 3
+    assert global_losses[-1] < 0.8 * math.log(256), global_losses  # untrained: ln(256)
+    check_identical_weights(lines)
+    model = build_hf_model(config_dir)
+    load_params(model, load_file(str(job.out / "model.safetensors")))  # the final model loads

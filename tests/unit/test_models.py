@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from hypha.protocol.tasks import ModelDoc
 from hypha.training.models import (
     GPTConfig,
     MLPClassifier,
@@ -17,6 +19,7 @@ from hypha.training.models import (
     batch_loss,
     build_hf_model,
     build_model,
+    build_task_model,
 )
 
 SMALL_GPT = {"seq_len": 16, "dim": 32, "num_heads": 2, "num_layers": 2}
@@ -153,11 +156,56 @@ def test_build_model_accepts_int_for_float_option():
     assert model.config.dropout == 0.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed")
-def test_build_hf_model_without_transformers_says_so(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+TINY_GPT2 = {
+    "model_type": "gpt2",
+    "vocab_size": 256,
+    "n_positions": 64,
+    "n_embd": 32,
+    "n_layer": 1,
+    "n_head": 2,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+
+
+def hf_dir(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps(TINY_GPT2))
+    return tmp_path
+
+
+def test_hf_config_dir_builds_a_seeded_causal_lm_that_learns(tmp_path: Path) -> None:
+    config_dir = hf_dir(tmp_path)
+    model = build_task_model(ModelDoc(kind="hf", path=str(config_dir)), seed=3, base_dir=Path("/"))
+    again = build_hf_model(config_dir, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
+    batch = {"input_ids": torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss = batch_loss(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_hf_path_is_relative_to_the_task_directory(tmp_path: Path) -> None:
+    tiny = tmp_path / "models" / "tiny"
+    tiny.mkdir(parents=True)
+    hf_dir(tiny)
+    model = build_task_model(ModelDoc(kind="hf", path="models/tiny"), seed=0, base_dir=tmp_path)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    with pytest.raises(ValueError, match=r"config\.json"):
+        build_task_model(ModelDoc(kind="hf", path="models"), seed=0, base_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs a path"):
+        build_task_model(ModelDoc(kind="hf"), seed=0, base_dir=tmp_path)
+
+
+def test_build_hf_model_without_transformers_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import now raises ImportError
     with pytest.raises(ValueError, match="transformers"):
-        build_hf_model(tmp_path)
+        build_hf_model(hf_dir(tmp_path))
 
 
 def test_batch_loss_casts_dtypes_and_checks_keys():

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hypha.protocol.tasks import ModelDoc
+
 logger = logging.getLogger(__name__)
 
 MODEL_NAMES = ("gpt", "mlp")
@@ -295,6 +297,26 @@ def build_hf_model(config_dir: Path, seed: int = 0) -> nn.Module:
         model: nn.Module = transformers.AutoModelForCausalLM.from_config(config)
     logger.info("built Hugging Face model %s from %s", type(model).__name__, config_dir)
     return model
+
+
+def build_task_model(model: ModelDoc, seed: int, base_dir: Path) -> nn.Module:
+    """Build the model a task document names; trainers and the parameter server both call it.
+
+    Args:
+        model: The task's model section (a built-in name and options, or ``kind = "hf"``
+            with a config directory; a relative ``path`` is taken from ``base_dir``).
+        seed: Seed for the initial weights.
+        base_dir: Where a relative Hugging Face ``path`` starts.
+
+    Raises:
+        ValueError: Unknown model, bad options, or an unusable config directory.
+    """
+    if model.kind == "hf":
+        if not model.path:
+            raise ValueError("model kind 'hf' needs a path to a Hugging Face config directory")
+        return build_hf_model(base_dir / model.path, seed=seed)  # an absolute path stays
+    options = {k: int(v) if float(v).is_integer() else v for k, v in model.options.items()}
+    return build_model(model.name, options, seed=seed)
 
 
 def _require(batch: Mapping[str, Tensor], key: str) -> Tensor:

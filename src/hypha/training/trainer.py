@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from types import FrameType
 from typing import Final, NoReturn
 
@@ -46,7 +45,7 @@ from hypha.training.background import (
 )
 from hypha.training.compress import load_tensors_file, save_tensors_file
 from hypha.training.diloco import cosine_lr, iter_batches, load_params, pseudo_gradient, snapshot
-from hypha.training.models import batch_loss, build_hf_model, build_model
+from hypha.training.models import batch_loss, build_task_model
 from hypha.training.session import BridgeError, Session
 
 logger = logging.getLogger(__name__)
@@ -204,16 +203,6 @@ def _pick_device(task: TrainTask) -> torch.device:
     return torch.device("cuda" if use_cuda else "cpu")
 
 
-def _build(task: TrainTask, work_dir: Path) -> nn.Module:
-    model = task.model
-    if model.kind == "hf":
-        if not model.path:
-            raise ValueError("model kind 'hf' needs a path to a Hugging Face config directory")
-        return build_hf_model(work_dir / model.path, seed=task.seed)  # absolute paths stay
-    options = {k: int(v) if float(v).is_integer() else v for k, v in model.options.items()}
-    return build_model(model.name, options, seed=task.seed)
-
-
 def _load_global_weights(session: Session, model: nn.Module) -> int:
     """Load the current global weights into ``model``; return the round they open."""
     files = fetch_when_ready(session, WeightsRef(), threading.Event())
@@ -236,7 +225,7 @@ def _run() -> int:
         torch.manual_seed(task.seed)
         torch.set_num_threads(_torch_threads())
         device = _pick_device(task)
-        model = _build(task, session.work_dir).to(device)
+        model = build_task_model(task.model, task.seed, session.work_dir).to(device)
         first_round = _load_global_weights(session, model)
         logger.info(
             "training %s on %s, %d parameters",

@@ -58,11 +58,11 @@ class _Round:
 class _Maths:
     """The torch side, only ever called from a worker thread under ``TORCH``."""
 
-    def __init__(self, doc: AggregateTask) -> None:
-        from hypha.training.models import build_model
+    def __init__(self, doc: AggregateTask, work_dir: Path) -> None:
+        from hypha.training.models import build_task_model
         from hypha.training.outer import NesterovOuter
 
-        self.model = build_model(doc.model.name, doc.model.options, seed=doc.seed)
+        self.model = build_task_model(doc.model, doc.seed, work_dir)
         self.params: dict[str, torch.Tensor] = {
             n: p.detach().clone().float() for n, p in self.model.named_parameters()
         }
@@ -179,7 +179,7 @@ class ParameterServer:
     # --- the loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._maths = await trio.to_thread.run_sync(_Maths, self._doc, limiter=TORCH)
+        self._maths = await trio.to_thread.run_sync(_Maths, self._doc, self._task.work_dir, limiter=TORCH)
         await self._publish_weights(0)
         await self._load_eval()
         async with trio.open_nursery() as nursery:
