@@ -459,9 +459,7 @@ def main() -> None:
     init_logging("bench", quiet=True)
     summary = trio.run(run, args)
     print_table(summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_result(args.out, summary)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -215,9 +215,7 @@ def main() -> None:
         print(f"{row['name']:<16} {row['metric']:<20} {row['value']:>12.1f}")
     headline = summary["headline"]
     print(f"fetch / direct read = {headline['ratio']:.2f} (goal >= 0.5)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_result(args.out, summary)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -606,9 +606,7 @@ def main() -> None:
     summary = trio.run(run_receiver, args)
     summary["params"]["wall_seconds"] = round(time.perf_counter() - start, 1)
     print_table(summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_result(args.out, summary)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -394,9 +394,7 @@ def main() -> None:
     summary["params"]["wall_seconds"] = round(time.perf_counter() - start, 1)
     summary["params"]["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print_table(summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_result(args.out, summary)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -52,12 +52,12 @@ from torch.distributed import GradBucket  # type: ignore[attr-defined]
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from hypha.config.job import JobSpec, load_job
+from hypha.config.job import JobSpec
 from hypha.data.manifest import load_manifest, slice_path
 from hypha.data.prepare import prepare_builtin
 from hypha.testing.benchmarks import machine, write_result
-from hypha.testing.cluster import Pki, write_toml
-from hypha.testing.network import open_training_network, run_training_job
+from hypha.testing.cluster import Pki
+from hypha.testing.network import open_training_network, run_training_job, training_job
 from hypha.training.diloco import cosine_lr, evaluate, iter_batches
 from hypha.training.models import build_model
 
@@ -275,7 +275,6 @@ def job_spec(setup: Setup, tmp: Path, variant: Variant) -> JobSpec:
     name = variant.name.replace("_", "-")
     encoding = variant.encoding
     doc: dict[str, Any] = {
-        "name": name,
         "dataset": DATASET,
         "rounds": setup.rounds,
         "samples_per_round": setup.samples_per_round,
@@ -285,9 +284,7 @@ def job_spec(setup: Setup, tmp: Path, variant: Variant) -> JobSpec:
         "fixed_inner_steps": setup.inner_steps,
         "report_every_seconds": 0.5,
         "sync_horizon_seconds": 1.0,
-        "round_deadline_seconds": 60.0,
         "eval_batches": setup.eval_batches,
-        "output_dir": str(tmp / "runs" / name),
         "model": {"kind": "builtin", "name": "gpt", "options": setup.options},
         "inner": {
             "lr": setup.lr,
@@ -296,20 +293,8 @@ def job_spec(setup: Setup, tmp: Path, variant: Variant) -> JobSpec:
             "schedule": setup.schedule,
         },
         "outer": {"lr": variant.outer_lr, "momentum": variant.outer_momentum},
-        "trainers": {
-            "min": setup.num_workers,
-            "target": setup.num_workers,
-            "grace_seconds": 60.0,
-            "resources": {"cpu": 1.0, "memory": 1.0},
-        },
-        "parameter_server": {
-            "executor": "parameter-server",
-            "min": 1,
-            "target": 1,
-            "resources": {"cpu": 1.0, "memory": 1.0},
-        },
     }
-    return load_job(write_toml(tmp / f"{name}.toml", doc))
+    return training_job(tmp, name, doc, num_trainers=setup.num_workers)
 
 
 def summarise_diloco(
@@ -559,9 +544,7 @@ def main() -> None:
         runs = trio.run(run_diloco, setup, tmp, variants)
     summary = build_summary(setup, ddps, runs, time.perf_counter() - started)
     print_table(summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_result(args.out, summary)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

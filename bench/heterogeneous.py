@@ -39,11 +39,11 @@ from typing import Any
 import torch
 import trio
 
-from hypha.config.job import JobSpec, load_job
+from hypha.config.job import JobSpec
 from hypha.data.prepare import prepare_builtin
 from hypha.testing.benchmarks import machine, write_result
-from hypha.testing.cluster import Pki, write_toml
-from hypha.testing.network import open_training_network, run_training_job
+from hypha.testing.cluster import Pki
+from hypha.testing.network import open_training_network, run_training_job, training_job
 
 RESULTS = Path(__file__).resolve().parent / "results" / "heterogeneous.json"
 DATASET = "bench-text"
@@ -55,7 +55,6 @@ OPTIONS = {"dim": 64, "num_layers": 2, "num_heads": 4, "seq_len": 64}
 
 def job_spec(args: argparse.Namespace, tmp: Path, name: str, fixed_inner_steps: int | None) -> JobSpec:
     doc: dict[str, Any] = {
-        "name": name,
         "dataset": DATASET,
         "rounds": args.rounds,
         "samples_per_round": args.samples_per_round,
@@ -63,27 +62,13 @@ def job_spec(args: argparse.Namespace, tmp: Path, name: str, fixed_inner_steps: 
         "encoding": "fp16",
         "report_every_seconds": args.report_every_seconds,
         "sync_horizon_seconds": args.sync_horizon_seconds,
-        "round_deadline_seconds": 60.0,
         "eval_batches": 4,
-        "output_dir": str(tmp / "runs" / name),
         "model": {"kind": "builtin", "name": "gpt", "options": OPTIONS},
         "inner": {"lr": 3e-3, "warmup_steps": 20, "weight_decay": 0.0, "schedule": "cosine"},
-        "trainers": {
-            "min": len(THROTTLES),
-            "target": len(THROTTLES),
-            "grace_seconds": 60.0,
-            "resources": {"cpu": 1.0, "memory": 1.0},
-        },
-        "parameter_server": {
-            "executor": "parameter-server",
-            "min": 1,
-            "target": 1,
-            "resources": {"cpu": 1.0, "memory": 1.0},
-        },
     }
     if fixed_inner_steps is not None:
         doc["fixed_inner_steps"] = fixed_inner_steps
-    return load_job(write_toml(tmp / f"{name}.toml", doc))
+    return training_job(tmp, name, doc, num_trainers=len(THROTTLES))
 
 
 def utilisation(mode: str, lines: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -239,9 +224,7 @@ def main() -> None:
         runs = trio.run(run_jobs, args, tmp)
     summary = build_summary(args, runs, time.perf_counter() - started)
     print_table(summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_result(args.out, summary)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

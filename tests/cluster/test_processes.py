@@ -104,41 +104,14 @@ async def test_validate_reports_every_problem(tmp_path: Path, capsys) -> None:
 
 async def test_certutil_and_init_commands(tmp_path: Path) -> None:
     assert main(["certutil", "ca", "--org", "Acme", "--out", str(tmp_path / "ca")]) == 0
-    assert (
-        main(
-            [
-                "certutil",
-                "node",
-                "--ca",
-                str(tmp_path / "ca"),
-                "--name",
-                "g",
-                "--role",
-                "gateway",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+
+    def node_cert(role: str) -> int:
+        ca, out = str(tmp_path / "ca"), str(tmp_path)
+        return main(["certutil", "node", "--ca", ca, "--name", "g", "--role", role, "--out", out])
+
+    assert node_cert("gateway") == 0
     assert (tmp_path / "g-key.pem").stat().st_mode & 0o777 == 0o600
-    assert (
-        main(
-            [
-                "certutil",
-                "node",
-                "--ca",
-                str(tmp_path / "ca"),
-                "--name",
-                "g",
-                "--role",
-                "king",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 2
-    )
+    assert node_cert("king") == 2
     assert main(["init", "gateway", "-o", str(tmp_path / "g.toml"), "--name", "g"]) == 0
     assert main(["init", "gateway", "-o", str(tmp_path / "g.toml")]) == 2  # exists
     assert main(["gateway", "--config", str(tmp_path / "g.toml"), "--validate"]) == 0

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import trio
 
-from hypha.config.job import JobSpec, load_job
-from hypha.testing.cluster import Pki, write_toml
-from hypha.testing.network import open_training_network, run_training_job
+from hypha.config.job import JobSpec
+from hypha.testing.cluster import Pki
+from hypha.testing.network import open_training_network, run_training_job, training_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -23,7 +23,6 @@ TINY = {"dim": 32, "num_layers": 1, "num_heads": 2, "seq_len": 32}
 
 def job_spec(tmp: Path, name: str, **overrides: Any) -> JobSpec:
     doc: dict[str, Any] = {
-        "name": name,
         "dataset": "tiny-text",
         "rounds": 5,
         "samples_per_round": 384,
@@ -31,21 +30,12 @@ def job_spec(tmp: Path, name: str, **overrides: Any) -> JobSpec:
         "encoding": "fp32",
         "report_every_seconds": 0.1,
         "sync_horizon_seconds": 0.5,
-        "round_deadline_seconds": 60.0,
         "eval_batches": 4,
-        "output_dir": str(tmp / "runs" / name),
         "model": {"kind": "builtin", "name": "gpt", "options": TINY},
         "inner": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0, "schedule": "constant"},
-        "trainers": {"min": 1, "target": 3, "grace_seconds": 60.0, "resources": {"cpu": 1.0, "memory": 1.0}},
-        "parameter_server": {
-            "executor": "parameter-server",
-            "min": 1,
-            "target": 1,
-            "resources": {"cpu": 1.0, "memory": 1.0},
-        },
         **overrides,
     }
-    return load_job(write_toml(tmp / f"{name}.toml", doc))
+    return training_job(tmp, name, doc, num_trainers=3, min_trainers=1)
 
 
 def dataset(tmp: Path) -> Path:

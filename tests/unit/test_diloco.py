@@ -23,12 +23,7 @@ from hypha.training.outer import NesterovOuter, weighted_mean
 MLP = {"input_dim": 8, "hidden_dim": 16, "num_classes": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _synthetic(num_rows: int, seed: int) -> dict[str, torch.Tensor]:

@@ -25,12 +25,7 @@ from hypha.training.models import (
 SMALL_GPT = {"seq_len": 16, "dim": 32, "num_heads": 2, "num_layers": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_gpt_shapes_and_initial_loss_near_uniform():

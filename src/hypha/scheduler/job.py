@@ -200,7 +200,13 @@ class JobDriver:
         finally:
             self._adding.discard(worker)
 
+    def _restripe(self) -> None:
+        """Stripe fresh slices over every leased trainer, dispatched or not."""
+        # The pool leases its trainers together, so the first to ask already sees its peers.
+        self.tracker.set_workers(set(self.parts.trainers.workers()) | self.trainers.keys())
+
     async def _add_trainer(self, worker: str) -> None:
+        self._restripe()
         descriptor = m.ExecutorDescriptor(executor_class="train", name=self.job.trainers.executor)
         try:
             member = await self._dispatch(worker, descriptor, codec.encode_json(self._train_doc()))
@@ -220,6 +226,7 @@ class JobDriver:
             return
         self.planner.remove_trainer(worker, trio.current_time())
         released = self.tracker.release_worker(worker)
+        self._restripe()
         logger.warning("trainer %s lost (%s); slices %s back to AVAILABLE", worker, reason, released)
         self.recorder.event(worker, "lost", self.round)
 
@@ -291,7 +298,6 @@ class JobDriver:
         limit = max(1, self.tracker.num_slices // (2 * max(1, len(self.trainers))))
         if len(self.tracker.assigned(peer)) >= limit:
             return m.NoSlice(reason=f"already holds {limit} slices in flight")
-        self.tracker.set_workers(set(self.parts.trainers.workers()) | self.trainers.keys())
         assigned = self.tracker.assign(peer)
         if assigned is None:
             return m.NoSlice(reason="every slice is in use")

@@ -25,6 +25,7 @@ def machine() -> str:
 
 
 def write_result(path: Path, summary: dict[str, Any]) -> None:
-    """Write a benchmark's result document (indented JSON with a trailing newline)."""
+    """Write a benchmark's result document (indented JSON with a trailing newline) and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -16,11 +16,11 @@ from typing import Any
 
 import trio
 
-from hypha.config.job import JobSpec
+from hypha.config.job import JobSpec, load_job
 from hypha.config.schema import DataConfig
 from hypha.datanode.node import run_data_node
 from hypha.scheduler.node import run_scheduler
-from hypha.testing.cluster import Pki, open_test_node, scheduler_config, worker_config
+from hypha.testing.cluster import Pki, open_test_node, scheduler_config, worker_config, write_toml
 from hypha.worker import run_worker
 
 EXECUTORS: list[dict[str, Any]] = [
@@ -66,6 +66,35 @@ async def open_training_network(
             await nursery.start(lambda task_status, c=config: run_worker(c, task_status=task_status))
         yield addr
         nursery.cancel_scope.cancel()
+
+
+def training_job(
+    tmp: Path, name: str, doc: dict[str, Any], num_trainers: int, min_trainers: int | None = None
+) -> JobSpec:
+    """A job for this network: ``doc`` plus pools for the trainers and the one parameter server.
+
+    Writes ``tmp/NAME.toml`` (results go to ``tmp/runs/NAME``) and loads it like a user's file.
+    """
+    pool_resources = {"cpu": 1.0, "memory": 1.0}
+    full: dict[str, Any] = {
+        "name": name,
+        "output_dir": str(tmp / "runs" / name),
+        "round_deadline_seconds": 60.0,
+        "trainers": {
+            "min": num_trainers if min_trainers is None else min_trainers,
+            "target": num_trainers,
+            "grace_seconds": 60.0,
+            "resources": pool_resources,
+        },
+        "parameter_server": {
+            "executor": "parameter-server",
+            "min": 1,
+            "target": 1,
+            "resources": pool_resources,
+        },
+        **doc,
+    }
+    return load_job(write_toml(tmp / f"{name}.toml", full))
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
