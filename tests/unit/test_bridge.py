@@ -8,6 +8,7 @@ import os
 import stat
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,8 @@ from hypha.bridge import (
     MAX_BODY_BYTES,
     SSE_KEEPALIVE_SECONDS,
     BridgeBackend,
+    Inbox,
+    Subscription,
     resolve_in,
     serve_bridge,
 )
@@ -46,8 +49,7 @@ class FakeBackend:
         self.reports: list[b.ProgressBody] = []
         self.metric_reports: list[b.MetricsBody] = []
         self.subscribed = trio.Event()
-        self._subscribers: list[trio.MemorySendChannel[b.ReceivedFile]] = []
-        self._pending: list[b.ReceivedFile] = []
+        self.inbox = Inbox()
 
     def job_document(self) -> bytes:
         return JOB
@@ -85,36 +87,9 @@ class FakeBackend:
         self.sent.append((request, path))
         return list(request.peers) or [f"{request.target}-peer"]
 
-    def subscribe_received(self) -> trio.MemoryReceiveChannel[b.ReceivedFile]:
-        send, receive = trio.open_memory_channel[b.ReceivedFile](16)
-        for item in self._pending:
-            send.send_nowait(item)
-        self._pending.clear()
-        self._subscribers.append(send)
+    def subscribe_received(self) -> AbstractContextManager[Subscription]:
         self.subscribed.set()
-        return receive
-
-    def deliver(self, item: b.ReceivedFile) -> None:
-        live = []
-        for channel in self._subscribers:
-            try:
-                channel.send_nowait(item)
-                live.append(channel)
-            except trio.BrokenResourceError:
-                channel.close()
-        self._subscribers = live
-        if not live:
-            self._pending.append(item)
-
-    def num_subscribers(self) -> int:
-        """Live subscriptions (probing each one, so hung-up streams drop out)."""
-        self._subscribers = [c for c in self._subscribers if not _is_broken(c)]
-        return len(self._subscribers)
-
-    def end_streams(self) -> None:
-        for channel in self._subscribers:
-            channel.close()
-        self._subscribers = []
+        return self.inbox.subscribe()
 
     async def progress(self, body: b.ProgressBody) -> b.InstructionBody:
         self.reports.append(body)
@@ -124,10 +99,6 @@ class FakeBackend:
 
     async def metrics(self, body: b.MetricsBody) -> None:
         self.metric_reports.append(body)
-
-
-def _is_broken(channel: trio.MemorySendChannel[b.ReceivedFile]) -> bool:
-    return channel.statistics().open_receive_channels == 0
 
 
 def received(task: str, n: int = 0) -> b.ReceivedFile:
@@ -304,18 +275,18 @@ async def next_event(lines: AsyncIterator[str]) -> b.ReceivedFile:
 
 async def test_receive_streams_files_and_keepalives(bridge: Bridge) -> None:
     early = received("task-1", 0)
-    bridge.backend.deliver(early)  # nobody subscribed yet: queued for the first subscriber
+    bridge.backend.inbox.deliver(early)  # nobody subscribed yet: queued for the first subscriber
     async with bridge.client.stream("GET", "/resources/receive") as response:
         assert response.headers["content-type"] == "text/event-stream"
         lines = response.aiter_lines()
         assert await next_event(lines) == early
         late = received("task-1", 1)
-        bridge.backend.deliver(late)
+        bridge.backend.inbox.deliver(late)
         assert await next_event(lines) == late
         async for line in lines:  # idle: keepalive comments every keepalive_seconds
             if line == ": keepalive":
                 break
-        bridge.backend.end_streams()
+        bridge.backend.inbox.close()
         assert [line async for line in lines if line.startswith("data:")] == []
     await assert_healthy(bridge)
 
@@ -323,9 +294,9 @@ async def test_receive_streams_files_and_keepalives(bridge: Bridge) -> None:
 async def test_receive_unsubscribes_when_client_hangs_up(bridge: Bridge) -> None:
     async with bridge.client.stream("GET", "/resources/receive") as response:
         assert response.status_code == 200
-        assert bridge.backend.num_subscribers() == 1
+        assert bridge.backend.inbox.num_subscribers == 1
     with trio.fail_after(5):
-        while bridge.backend.num_subscribers():
+        while bridge.backend.inbox.num_subscribers:
             await trio.sleep(0.01)
     await assert_healthy(bridge)
 
@@ -340,13 +311,33 @@ async def test_two_bridges_keep_their_files_apart(nursery: trio.Nursery, short_d
         client_b.stream("GET", "/resources/receive") as stream_b,
     ):
         for n in range(3):
-            backends[0].deliver(received("task-a", n))
-            backends[1].deliver(received("task-b", n))
+            backends[0].inbox.deliver(received("task-a", n))
+            backends[1].inbox.deliver(received("task-b", n))
         lines_a, lines_b = stream_a.aiter_lines(), stream_b.aiter_lines()
         got_a = [await next_event(lines_a) for _ in range(3)]
         got_b = [await next_event(lines_b) for _ in range(3)]
     assert got_a == [received("task-a", n) for n in range(3)]
     assert got_b == [received("task-b", n) for n in range(3)]
+
+
+async def test_receive_with_idle_ends_and_keeps_later_files(bridge: Bridge) -> None:
+    async with bridge.client.stream("GET", "/resources/receive", params={"idle": "0.2"}) as response:
+        assert response.status_code == 200
+        assert [line async for line in response.aiter_lines() if line.startswith("data:")] == []
+    # Delivered the moment the idle stream ended: the next stream gets it.
+    late = received("task-1", 7)
+    bridge.backend.inbox.deliver(late)
+    async with bridge.client.stream("GET", "/resources/receive", params={"idle": "0.2"}) as response:
+        assert await next_event(response.aiter_lines()) == late
+    assert bridge.backend.inbox.pending == []
+
+
+@pytest.mark.parametrize("query", ["idle=0", "idle=-1", "idle=nan", "idle=inf", "idle=x", "wait=1"])
+async def test_receive_refuses_bad_idle(bridge: Bridge, query: str) -> None:
+    response = await bridge.client.get(f"/resources/receive?{query}")
+    await assert_refused(response, 400, "invalid_request")
+    assert bridge.backend.inbox.num_subscribers == 0
+    await assert_healthy(bridge)
 
 
 # --- hardening ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import trio
 
 from hypha import errors
-from hypha.bridge import serve_bridge
+from hypha.bridge import Inbox, Subscription, serve_bridge
 from hypha.protocol import bridge as b
 from hypha.protocol.codec import ProtocolError
 from hypha.training.session import BridgeError, Session
@@ -41,7 +42,7 @@ class FakeBackend:
         self.sent: list[tuple[b.SendRequest, Path]] = []
         self.metric_reports: list[b.MetricsBody] = []
         self.subscribed = trio.Event()
-        self.incoming_send, self._incoming = trio.open_memory_channel[b.ReceivedFile](16)
+        self.inbox = Inbox()
 
     def job_document(self) -> bytes:
         return b'{"job_id": "j9", "learning_rate": 0.5}'
@@ -56,9 +57,9 @@ class FakeBackend:
         self.sent.append((request, path))
         return list(request.peers) or ["ps"]
 
-    def subscribe_received(self) -> trio.MemoryReceiveChannel[b.ReceivedFile]:
+    def subscribe_received(self) -> AbstractContextManager[Subscription]:
         self.subscribed.set()
-        return self._incoming.clone()
+        return self.inbox.subscribe()
 
     async def progress(self, body: b.ProgressBody) -> b.InstructionBody:
         return b.InstructionBody(action="sync", batches=7, round=body.round)
@@ -178,15 +179,15 @@ async def test_receive_yields_pushed_files(harness: Harness) -> None:
         nursery.start_soon(consume)
         await harness.backend.subscribed.wait()
         for n in range(3):
-            await harness.backend.incoming_send.send(received(n))
+            harness.backend.inbox.deliver(received(n))
     assert result == [[received(n) for n in range(3)]]
 
 
 async def test_receive_ends_on_timeout_and_on_stream_end(harness: Harness) -> None:
     s = harness.session
     assert await harness.call(lambda: list(s.receive(timeout=0.2))) == []
-    harness.backend.incoming_send.send_nowait(received(1))
-    harness.backend.incoming_send.close()
+    harness.backend.inbox.deliver(received(1))
+    harness.backend.inbox.close()
     assert await harness.call(lambda: list(s.receive())) == [received(1)]
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,7 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hypha import errors
-from hypha.bridge import serve_bridge
+from hypha.bridge import Inbox, Subscription, serve_bridge
 from hypha.protocol import bridge as b
 from hypha.protocol.messages import Purpose
 from hypha.protocol.tasks import InnerDoc, ModelDoc, TrainTask
@@ -86,7 +87,7 @@ class FakeWorker:
     first_report: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
-        self.incoming_send, self._incoming = trio.open_memory_channel[b.ReceivedFile](16)
+        self.inbox = Inbox()
 
     def job_document(self) -> bytes:
         return msgspec.json.encode(self.task)
@@ -130,8 +131,8 @@ class FakeWorker:
         # Files the trainer must skip: another purpose, and weights of another round.
         strays: tuple[tuple[Purpose, int], ...] = (("file", request.round), ("weights", request.round + 9))
         for purpose, round in strays:
-            self.incoming_send.send_nowait(self._received(name, purpose, round))
-        self.incoming_send.send_nowait(self._received(name, "weights", request.round))
+            self.inbox.deliver(self._received(name, purpose, round))
+        self.inbox.deliver(self._received(name, "weights", request.round))
         return ["ps"]
 
     def _received(self, path: str, purpose: Purpose, round: int) -> b.ReceivedFile:
@@ -139,8 +140,8 @@ class FakeWorker:
             path=path, size=1, sha256="0" * 64, from_peer="ps", purpose=purpose, round=round
         )
 
-    def subscribe_received(self) -> trio.MemoryReceiveChannel[b.ReceivedFile]:
-        return self._incoming.clone()
+    def subscribe_received(self) -> AbstractContextManager[Subscription]:
+        return self.inbox.subscribe()
 
     async def progress(self, body: b.ProgressBody) -> b.InstructionBody:
         self.reports.append(body)

@@ -8,16 +8,20 @@ status codes. ``resolve_in`` confines executor-supplied paths to the task's work
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path, PurePosixPath
 from typing import Final, Protocol
 
 import msgspec
-import trio
 
+from hypha.bridge.inbox import Subscription
 from hypha.protocol import bridge as b
 
 SSE_KEEPALIVE_SECONDS: Final = 5.0
 """Default interval of the comment line that keeps an idle receive stream open."""
+
+MAX_IDLE_SECONDS: Final = 86400.0
+"""Largest ``idle`` a receive stream accepts (a day); leave it out to wait without end."""
 
 
 class BridgeBackend(Protocol):
@@ -55,13 +59,12 @@ class BridgeBackend(Protocol):
         """
         ...
 
-    def subscribe_received(self) -> trio.MemoryReceiveChannel[b.ReceivedFile]:
-        """Open one subscription to files pushed to this task.
+    def subscribe_received(self) -> AbstractContextManager[Subscription]:
+        """Open one subscription to files pushed to this task (``Inbox.subscribe``).
 
-        Each call returns a new channel that gets every file received from then on; files
-        that arrived while nobody was subscribed go to the next subscriber. Closing the
-        send side ends the SSE stream; the server closes the receive side when the
-        executor hangs up.
+        Each subscription gets every file received while it is open; files that arrived
+        while nobody was subscribed, or that an ended stream did not deliver, go to the
+        next one. The SSE stream ends when the subscription's channel ends.
         """
         ...
 
@@ -142,8 +145,20 @@ def openapi_document() -> dict[str, object]:
         return {"$ref": f"#/components/schemas/{name}"}
 
     sse = {"description": "text/event-stream; each event's data is a ReceivedFile"}
-    receive = op("Server-sent events, one per file pushed to this task", None, 500)
-    receive["responses"] = {"200": sse, **_errors(500)}
+    receive = op("Server-sent events, one per file pushed to this task", None, 400, 500)
+    receive["responses"] = {"200": sse, **_errors(400, 500)}
+    receive["parameters"] = [
+        {
+            "name": "idle",
+            "in": "query",
+            "required": False,
+            "description": (
+                "End the stream once no file has arrived for this many seconds "
+                f"(0 < idle <= {MAX_IDLE_SECONDS:g}); without it the stream stays open"
+            ),
+            "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_IDLE_SECONDS},
+        }
+    ]
     paths: dict[str, object] = {
         "/job": {
             "get": {

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import stat
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -25,7 +27,14 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, S
 from hypercorn.utils import wrap_app
 
 from hypha import errors
-from hypha.bridge.api import SSE_KEEPALIVE_SECONDS, BridgeBackend, openapi_document, resolve_in
+from hypha.bridge.api import (
+    MAX_IDLE_SECONDS,
+    SSE_KEEPALIVE_SECONDS,
+    BridgeBackend,
+    openapi_document,
+    resolve_in,
+)
+from hypha.bridge.inbox import Subscription
 from hypha.protocol import bridge as b
 from hypha.protocol.codec import ProtocolError as CodecProtocolError
 from hypha.protocol.codec import decode_json, encode_json
@@ -67,6 +76,7 @@ class _Exchange:
     def __init__(self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable):
         self.method = scope["method"]
         self.path = scope["path"]
+        self.query = scope["query_string"]
         self.headers = scope["headers"]
         self.receive = receive
         self._send = send
@@ -239,26 +249,46 @@ class BridgeApp:
         await ex.reply(200, encode_json(b.SendResponse(delivered=delivered)))
 
     async def _receive(self, ex: _Exchange) -> None:
-        with self._backend.subscribe_received() as channel:
+        idle = _idle_seconds(ex.query)
+        with self._backend.subscribe_received() as subscription:
             await ex.start(200, _SSE_HEADERS)
             await ex.body(b": subscribed\n\n", more=True)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_disconnect, ex, nursery.cancel_scope)
-                await self._pump(ex, channel)
+                await self._pump(ex, subscription, idle)
                 nursery.cancel_scope.cancel()
 
-    async def _pump(self, ex: _Exchange, channel: trio.MemoryReceiveChannel[b.ReceivedFile]) -> None:
+    async def _pump(self, ex: _Exchange, subscription: Subscription, idle: float | None) -> None:
+        """Write files as SSE events until the channel ends or ``idle`` seconds pass without one.
+
+        A file whose event could not be written (the executor hung up) is given back, so the
+        next stream delivers it. The server ends an idle stream itself: a client that gave up
+        on its side could leave an event unread in the socket.
+        """
+        idle_until = math.inf if idle is None else trio.current_time() + idle
         while True:
-            with trio.move_on_after(self._keepalive_seconds) as idle:
+            wait = min(self._keepalive_seconds, idle_until - trio.current_time())
+            if wait <= 0:
+                await ex.body(b"", more=False)
+                return
+            received: b.ReceivedFile | None = None
+            with trio.move_on_after(wait):
                 try:
-                    received = await channel.receive()
+                    received = await subscription.receive()
                 except trio.EndOfChannel:
                     await ex.body(b"", more=False)
                     return
-            if idle.cancelled_caught:
-                await ex.body(b": keepalive\n\n", more=True)
-            else:
+            if received is None:
+                if trio.current_time() < idle_until:
+                    await ex.body(b": keepalive\n\n", more=True)
+                continue
+            try:
                 await ex.body(b"data: " + encode_json(received) + b"\n\n", more=True)
+            except BaseException:
+                subscription.give_back(received)
+                raise
+            if idle is not None:
+                idle_until = trio.current_time() + idle
 
     async def _progress(self, ex: _Exchange) -> None:
         data = await self._read_body(ex)
@@ -316,6 +346,28 @@ async def _unless_hung_up(ex: _Exchange, call: Callable[[], Awaitable[T]]) -> T:
     if not results:
         raise _HungUp
     return results[0]
+
+
+def _idle_seconds(query: bytes) -> float | None:
+    """The receive stream's ``idle`` parameter, or ``None`` when absent; 400 when malformed."""
+    try:
+        values = urllib.parse.parse_qs(query.decode("ascii"), strict_parsing=bool(query))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _Reject(400, "invalid_request", f"malformed query string: {exc}") from exc
+    unknown = sorted(set(values) - {"idle"})
+    if unknown:
+        raise _Reject(400, "invalid_request", f"unknown query parameters: {', '.join(unknown)}")
+    if "idle" not in values:
+        return None
+    text = values["idle"][-1]
+    try:
+        idle = float(text)
+    except ValueError:
+        idle = math.nan
+    if not 0 < idle <= MAX_IDLE_SECONDS:
+        detail = f"idle must be in (0, {MAX_IDLE_SECONDS:g}] seconds, got {text!r}"
+        raise _Reject(400, "invalid_request", detail)
+    return idle
 
 
 async def _cancel_on_disconnect(ex: _Exchange, scope: trio.CancelScope) -> None:

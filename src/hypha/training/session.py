@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +27,9 @@ logger = logging.getLogger(__name__)
 SOCKET_ENV: Final = "HYPHA_SOCKET"
 WORK_DIR_ENV: Final = "HYPHA_WORK_DIR"
 _BASE_URL: Final = "http://hypha"
+_SILENT_WORKER_SECONDS: Final = 60.0
+"""A receive stream silent this long past its idle time (keepalives are every few seconds)
+means the worker is stuck; the iteration ends rather than hang."""
 T = TypeVar("T")
 
 
@@ -214,29 +216,32 @@ class Session:
         queued by the worker and come first.
 
         Args:
-            timeout: end the iteration once no file has arrived for this many seconds
-                (checked whenever the worker sends data, at least every keepalive
-                interval). ``None`` waits until the worker ends the stream.
+            timeout: end the iteration once no file has arrived for this many seconds (the
+                worker ends the stream, so no file is lost in between). ``None`` waits until
+                the worker ends the stream.
+
+        Breaking out of the loop early can drop a file the worker had already written to
+        the stream; keep one iteration open (as the trainer does) or pass ``timeout``.
 
         Raises:
             BridgeError: the stream could not be opened or carried a malformed event.
         """
-        http_timeout = httpx.Timeout(self._client.timeout.connect, read=timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        params = {} if timeout is None else {"idle": repr(float(timeout))}
+        read = None if timeout is None else timeout + _SILENT_WORKER_SECONDS
+        http_timeout = httpx.Timeout(self._client.timeout.connect, read=read)
         try:
-            with self._client.stream("GET", "/resources/receive", timeout=http_timeout) as resp:
+            with self._client.stream(
+                "GET", "/resources/receive", params=params, timeout=http_timeout
+            ) as resp:
                 if resp.is_error:
                     resp.read()
                     raise _error_of(resp)
                 for event in _sse_events(resp.iter_lines()):
                     if event is not None:
                         yield self._decode_event(resp.status_code, event)
-                        deadline = None if timeout is None else time.monotonic() + timeout
-                    elif deadline is not None and time.monotonic() >= deadline:
-                        return
                 logger.debug("the worker ended the receive stream")
         except httpx.ReadTimeout:
-            return
+            logger.warning("the worker sent nothing on the receive stream for %.0f s", read)
         except httpx.TransportError as exc:
             raise BridgeError(0, "unreachable", f"receive stream: {exc!r}") from exc
 

@@ -10,11 +10,11 @@ them. Each task has its own backend, so tasks never see each other's files.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import trio
-
+from hypha.bridge.inbox import Subscription
 from hypha.errors import JobError
 from hypha.net.host import Node
 from hypha.protocol import bridge as b
@@ -33,38 +33,6 @@ class TaskServices(Protocol):
     async def fetch(self, task: Task, ref: b.Reference, work_dir: Path) -> list[b.FetchedFile]: ...
 
     async def send(self, task: Task, request: b.SendRequest, path: Path) -> list[str]: ...
-
-
-class Inbox:
-    """Files received for one task, waiting for (or handed to) the executor's subscriptions."""
-
-    def __init__(self) -> None:
-        self._pending: list[b.ReceivedFile] = []
-        self._subscribers: list[trio.MemorySendChannel[b.ReceivedFile]] = []
-
-    def deliver(self, item: b.ReceivedFile) -> None:
-        live = []
-        delivered = False
-        for channel in self._subscribers:
-            try:
-                channel.send_nowait(item)
-                delivered = True
-                live.append(channel)
-            except trio.WouldBlock:
-                live.append(channel)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                continue
-        self._subscribers = live
-        if not delivered:
-            self._pending.append(item)
-
-    def subscribe(self) -> trio.MemoryReceiveChannel[b.ReceivedFile]:
-        send, receive = trio.open_memory_channel[b.ReceivedFile](256)
-        for item in self._pending:
-            send.send_nowait(item)
-        self._pending.clear()
-        self._subscribers.append(send)
-        return receive
 
 
 def to_event(body: b.ProgressBody) -> m.ProgressEvent:
@@ -115,7 +83,7 @@ class TaskBackend:
             raise JobError("this worker has no transfer services")
         return await self._services.send(self._task, request, path)
 
-    def subscribe_received(self) -> trio.MemoryReceiveChannel[b.ReceivedFile]:
+    def subscribe_received(self) -> AbstractContextManager[Subscription]:
         return self._task.inbox.subscribe()
 
     async def _report(self, event: m.ProgressEvent) -> m.Msg:

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from hypha.bridge.inbox import Inbox
 from hypha.config.schema import ExecutorSection, WorkerConfig
 from hypha.errors import HyphaError
 from hypha.net.host import Node
 from hypha.protocol import messages as m
-from hypha.worker.backend import Inbox
 from hypha.worker.executors.process import run_executor_process
 from hypha.worker.leases import WorkerLeases
 
