@@ -20,7 +20,8 @@ Modes that write a new file start after a pause (``SETTLE_SECONDS``) and the ord
 per repetition: on this VM a file's cost depends on how recently memory was freed (see
 ``SETTLE_SECONDS``), so every mode gets the same, cold, start. Reported per mode: the median
 MB/s and the CPU seconds per GiB of each side, plus the receiver's costs measured alone
-(sha256, writing a new file cold and warm, overwriting a cached one).
+(sha256, writing a new file cold and warm, overwriting a cached one), and what those CPU
+figures allow on this machine's cores (``cpu_budget``).
 
     python bench/bulk_transfer.py [--sizes-mib 256 1024] [--repeat 3] [--libp2p-mib 64] [--relay-mib 16]
 
@@ -324,6 +325,45 @@ def components(workdir: Path) -> list[dict[str, Any]]:
     ]
 
 
+def cpu_budget(results: list[dict[str, Any]], size_mib: int) -> list[dict[str, Any]]:
+    """Where the time goes, from the measured CPU seconds per GiB of both processes.
+
+    ``*_cpu_bound``: the MB/s a mode would reach if its sender's and receiver's CPU work
+    were spread perfectly over this machine's cores (both processes share them).
+    ``tls_loop_plus_sha256_over_tls_loop``: the best ratio to the TLS loop that any receiver
+    verifying a sha256 can reach here, running as efficiently as the bare loop itself:
+    the loop's CPU work over the loop's work plus hashing 1 GiB.
+    """
+    rows = {(r["name"], r["size_mib"]): r for r in results}
+    cores = os.cpu_count() or 1
+    out: list[dict[str, Any]] = []
+    for mode in ("tls_loop", "bulk", "bulk_recycled"):
+        row = rows[(mode, size_mib)]
+        cpu = row["receiver_cpu_seconds_per_gib"] + row["sender_cpu_seconds_per_gib"]
+        bound = cores * 1024 * MIB / 1e6 / cpu
+        out.append({"name": f"{mode}_cpu_bound", "size_mib": size_mib, "metric": "MB/s", "value": bound})
+        out.append(
+            {
+                "name": f"{mode}_core_use",
+                "size_mib": size_mib,
+                "metric": "fraction",
+                "value": row["value"] / bound,
+            }
+        )
+    tls = rows[("tls_loop", size_mib)]
+    tls_cpu = tls["receiver_cpu_seconds_per_gib"] + tls["sender_cpu_seconds_per_gib"]
+    sha_cpu = 1024 * MIB / 1e6 / rows[("sha256_in_memory", 1024)]["value"]
+    out.append(
+        {
+            "name": "tls_loop_plus_sha256_over_tls_loop",
+            "size_mib": size_mib,
+            "metric": "ratio",
+            "value": tls_cpu / (tls_cpu + sha_cpu),
+        }
+    )
+    return out
+
+
 async def run_receiver(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="hbulk-", dir="/tmp") as name:
@@ -371,6 +411,7 @@ async def run_receiver(args: argparse.Namespace) -> dict[str, Any]:
                 child.stop()
         result["params"]["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         result["results"] += components(root)
+        result["results"] += cpu_budget(result["results"], max(args.sizes_mib))
         return result
 
 
@@ -568,10 +609,12 @@ def print_table(summary: dict[str, Any]) -> None:
             f"{row['name']:<16} {row['size_mib']:>5} {row['value']:>9.1f} {vs_tls:>7} {vs_raw:>7}"
             f" {row['receiver_cpu_seconds_per_gib']:>10.2f}s {row['sender_cpu_seconds_per_gib']:>10.2f}s"
         )
-    print("\nreceiver-side components (1 GiB, no network):")
+    print("\nreceiver-side components (1 GiB, no network) and CPU bounds (both sides' work / cores):")
     for row in summary["results"]:
         if row["metric"] == "MB/s" and "samples" not in row:
             print(f"  {row['name']:<40} {row['value']:>9.1f} MB/s")
+        elif row["metric"] == "fraction":
+            print(f"  {row['name']:<40} {row['value']:>9.2f} of the bound")
     print("\nratios:")
     for row in summary["results"]:
         if row["metric"] == "ratio":
