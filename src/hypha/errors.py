@@ -52,6 +52,10 @@ class PeerUnreachableError(NetworkError):
     """No address of the peer could be dialed."""
 
 
+class RequestTimeoutError(NetworkError):
+    """A request got no answer within its deadline (the peer is gone, stuck or overloaded)."""
+
+
 class RemoteError(NetworkError):
     """The remote peer answered a request with an error."""
 

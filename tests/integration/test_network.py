@@ -8,7 +8,7 @@ import logging
 import pytest
 import trio
 
-from hypha.errors import NetworkError, RemoteError
+from hypha.errors import HyphaError, NetworkError, RemoteError, RequestTimeoutError
 from hypha.net.rpc import read_frame
 from hypha.protocol import codec, ids
 from hypha.protocol import messages as m
@@ -59,6 +59,29 @@ async def test_dht_gossip_rpc_between_nodes(pki: Pki) -> None:
                 assert got is not None
                 assert got.origin == b.peer_id
                 assert got.message.scheduler == b.peer_id
+
+
+async def test_unanswered_request_is_a_network_error(pki: Pki) -> None:
+    async with open_test_node(pki, "gw", "gateway", relay_hop=True) as gw:
+        addr = gw.listen_addrs()[0]
+        async with open_test_node(pki, "silent", "worker", gateways=[addr]) as silent:
+            answered = trio.Event()
+
+            async def never(peer: str, req: m.EchoRequest) -> m.EchoResponse:
+                await answered.wait()  # the peer is stuck: no answer until the test ends
+                return m.EchoResponse(payload="late")
+
+            silent.rpc.register(m.EchoRequest, never)
+            # Callers handle failed requests as HyphaError; a silent peer must be one too.
+            with pytest.raises(HyphaError) as timed_out:
+                await gw.request(
+                    silent.peer_id, m.EchoRequest(payload="x"), m.EchoResponse, timeout_seconds=0.5
+                )
+            assert isinstance(timed_out.value, RequestTimeoutError)
+            assert isinstance(timed_out.value, NetworkError)
+            answered.set()
+            health = await gw.request(silent.peer_id, m.HealthRequest(), m.HealthResponse)
+            assert health.healthy
 
 
 async def test_non_listening_node_is_reached_through_relay(pki: Pki) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import trio
 
@@ -50,6 +52,18 @@ async def test_a_closing_subscription_keeps_nothing_another_one_has() -> None:
             inbox.deliver(pushed(5))
         assert inbox.pending == []
         assert await stays.receive() == pushed(5)
+
+
+async def test_a_closing_subscription_hands_on_what_a_newer_one_never_had() -> None:
+    inbox = Inbox()
+    with contextlib.ExitStack() as stack:
+        with inbox.subscribe():
+            inbox.deliver(pushed(6))  # only the older stream is open: it alone has the file
+            newer = stack.enter_context(inbox.subscribe())
+            inbox.deliver(pushed(7))  # both have this one
+        # The older stream ended without writing either file.
+        assert inbox.pending == []
+        assert [await newer.receive() for _ in range(2)] == [pushed(7), pushed(6)]
 
 
 async def test_close_ends_streams_after_the_queue() -> None:

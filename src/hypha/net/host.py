@@ -37,7 +37,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
-from hypha.errors import HyphaError, NetworkError, PeerUnreachableError
+from hypha.errors import HyphaError, NetworkError, PeerUnreachableError, RequestTimeoutError
 from hypha.net import pubsub as ps
 from hypha.net.admission import AdmissionTransport, PeerDirectory
 from hypha.net.dht import Dht
@@ -234,10 +234,20 @@ class Node:
 
         Bounded by ``timeout_seconds`` (default: the node's ``rpc_timeout_seconds``); requests
         whose handler moves bulk data pass a deadline that grows with the size.
+
+        Raises:
+            RequestTimeoutError: no answer within the deadline (a ``NetworkError``, so every
+                caller that handles a failed request handles a silent peer too).
+            NetworkError: the peer could not be reached or answered with an error.
         """
-        with trio.fail_after(timeout_seconds or self.settings.rpc_timeout_seconds):
-            stream = await self.open_stream(peer_id, protocol)
-            return await exchange(stream, msg, expect)
+        seconds = timeout_seconds or self.settings.rpc_timeout_seconds
+        try:
+            with trio.fail_after(seconds):
+                stream = await self.open_stream(peer_id, protocol)
+                return await exchange(stream, msg, expect)
+        except trio.TooSlowError:
+            name = type(msg).__name__
+            raise RequestTimeoutError(f"{name} to {peer_id}: no answer within {seconds:g} s") from None
 
     def set_stream_handler(self, protocol: str, handler: Callable[[Stream, str], Awaitable[None]]) -> None:
         """Serve raw streams of ``protocol``; ``handler(stream, peer_id)``."""

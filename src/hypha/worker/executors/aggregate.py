@@ -48,6 +48,8 @@ class _Round:
     min_updates: int = 1
     updates: dict[str, _Update] = field(default_factory=dict)
     first_arrival: float | None = None
+    closed: bool = False
+    """Set when the round's updates are taken: one arriving later is late, not aggregated."""
     changed: trio.Event = field(default_factory=trio.Event)
 
     def notify(self) -> None:
@@ -139,10 +141,15 @@ class ParameterServer:
 
     async def on_update(self, offer: m.TensorOffer, sender: str, path: Path) -> None:
         current = self.round
-        if offer.round != current.number:
+        if offer.round != current.number or current.closed:
             self.num_late += 1
+            state = "closing" if current.closed else "open"
             logger.warning(
-                "dropped update of round %d from %s: round %d is open", offer.round, sender, current.number
+                "dropped update of round %d from %s: round %d is %s",
+                offer.round,
+                sender,
+                current.number,
+                state,
             )
             await trio.Path(path).unlink(missing_ok=True)
             return
@@ -235,6 +242,7 @@ class ParameterServer:
                 deadline = current.first_arrival + self._doc.round_deadline_seconds
             with trio.move_on_at(deadline):
                 await current.changed.wait()
+        current.closed = True  # before the first await: a later update must not be lost silently
         # In worker order, not arrival order: the float sums are then reproducible.
         updates = [current.updates[worker] for worker in sorted(current.updates)]
         assert self._maths is not None
