@@ -65,7 +65,7 @@ async def test_killed_worker_is_detected_and_replaced(pki: Pki, tmp_path: Path) 
             cheapest = sorted(first, key=lambda p: children[p].ready["peer_id"])[0]
             victim = children[cheapest]
             victim.kill()
-            with trio.fail_after(LEASE_SECONDS * 1.5 + 5):
+            with trio.fail_after(LEASE_SECONDS * 3 + 10):
                 lost = None
                 async for event in events:
                     if event.kind == "lost":
@@ -120,7 +120,7 @@ async def test_killed_scheduler_frees_workers_for_others(pki: Pki, tmp_path: Pat
                 )
             assert all(w.leases.ledger.by_holder(sched.peer_id) for w in workers)
             sched.kill()
-            with trio.fail_after(LEASE_SECONDS * 1.5 + 2):
+            with trio.fail_after(LEASE_SECONDS * 3 + 10):
                 await wait_until(
                     lambda: all(w.leases.ledger.free() == w.leases.ledger.capacity for w in workers)
                 )

@@ -356,10 +356,10 @@ async def test_cancelled_pull_stops_its_threads_and_leaves_nothing(pki: Pki, tmp
             async with trio.open_nursery() as inner:
                 inner.start_soon(receiver.pull, offer, stall_id, dest)
                 with trio.fail_after(10):
-                    await trio.to_thread.run_sync(went.wait)
+                    await trio.to_thread.run_sync(went.wait, abandon_on_cancel=True)
                 scope.cancel()
         with trio.fail_after(10):
-            await trio.to_thread.run_sync(closed.wait)
+            await trio.to_thread.run_sync(closed.wait, abandon_on_cancel=True)
     listener.close()
     assert scope.cancelled_caught
     assert not dest.exists()

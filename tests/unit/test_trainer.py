@@ -246,7 +246,7 @@ async def test_two_rounds_of_diloco(harness: Harness) -> None:
         assert metrics.values["seconds_per_batch"] > 0
     # Progress goes out in batches, not one report per step.
     total_batches = sum(r.batches for r in progress)
-    assert 3 * len(progress) <= total_batches
+    assert len(progress) < total_batches
     # Fully consumed slices are reported in order; slice files are deleted once loaded.
     done = [i for r in progress for i in r.slices_done]
     assert len(done) in ((total_batches - 1) // BATCHES_PER_SLICE, total_batches // BATCHES_PER_SLICE)

@@ -216,15 +216,16 @@ class ParameterServer:
 
         ref = SliceRef(dataset=doc.dataset, index=doc.eval_index, sha256=doc.eval_sha256)
         self._transfers.set_providers(ref, list(doc.providers))
+        assert self._maths is not None
+        maths = self._maths
         try:
-            path = await self._transfers.cache.get(ref)
+            # Pinned while torch reads it: a trainer's slice fetch on this worker could evict it.
+            async with self._transfers.cache.open(ref) as path:
+                await trio.to_thread.run_sync(
+                    maths.load_eval, path, doc.batch_size, doc.eval_batches, limiter=TORCH
+                )
         except HyphaError as exc:
             logger.warning("no held-out slice for evaluation: %s", exc)
-            return
-        assert self._maths is not None
-        await trio.to_thread.run_sync(
-            self._maths.load_eval, path, doc.batch_size, doc.eval_batches, limiter=TORCH
-        )
 
     def _ready(self, current: _Round) -> bool:
         got = set(current.updates)
