@@ -258,14 +258,14 @@ class BridgeApp:
                 await self._pump(ex, subscription, idle)
                 nursery.cancel_scope.cancel()
 
-    async def _pump(self, ex: _Exchange, subscription: Subscription, idle: float | None) -> None:
+    async def _pump(self, ex: _Exchange, subscription: Subscription, idle: float) -> None:
         """Write files as SSE events until the channel ends or ``idle`` seconds pass without one.
 
         A file whose event could not be written (the executor hung up) is given back, so the
         next stream delivers it. The server ends an idle stream itself: a client that gave up
         on its side could leave an event unread in the socket.
         """
-        idle_until = math.inf if idle is None else trio.current_time() + idle
+        idle_until = trio.current_time() + idle
         while True:
             wait = min(self._keepalive_seconds, idle_until - trio.current_time())
             if wait <= 0:
@@ -287,8 +287,7 @@ class BridgeApp:
             except BaseException:
                 subscription.give_back(received)
                 raise
-            if idle is not None:
-                idle_until = trio.current_time() + idle
+            idle_until = trio.current_time() + idle
 
     async def _progress(self, ex: _Exchange) -> None:
         data = await self._read_body(ex)
@@ -348,8 +347,8 @@ async def _unless_hung_up(ex: _Exchange, call: Callable[[], Awaitable[T]]) -> T:
     return results[0]
 
 
-def _idle_seconds(query: bytes) -> float | None:
-    """The receive stream's ``idle`` parameter, or ``None`` when absent; 400 when malformed."""
+def _idle_seconds(query: bytes) -> float:
+    """The receive stream's ``idle`` parameter (infinite when absent); 400 when malformed."""
     try:
         values = urllib.parse.parse_qs(query.decode("ascii"), strict_parsing=bool(query))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -358,7 +357,7 @@ def _idle_seconds(query: bytes) -> float | None:
     if unknown:
         raise _Reject(400, "invalid_request", f"unknown query parameters: {', '.join(unknown)}")
     if "idle" not in values:
-        return None
+        return math.inf
     text = values["idle"][-1]
     try:
         idle = float(text)

@@ -178,7 +178,7 @@ class Transfers:
                         raise TransferError(f"{provider} offers slice {ref.index} with another sha256")
                     await self._bulk.pull(offer, provider, dest, attempts=2)
                     return
-                except (HyphaError, trio.TooSlowError) as exc:
+                except HyphaError as exc:  # timeouts included (RequestTimeoutError)
                     errors.append(f"{provider[-8:]}: {exc}")
                     logger.warning("slice %s/%d from %s failed: %s", ref.dataset, ref.index, provider, exc)
             await trio.sleep(delay)
