@@ -55,6 +55,13 @@ CLIENT = textwrap.dedent(
         if job["expect"]:
             sys.exit(0 if got and got[0].endswith(job["expect"]) else 4)
         sys.exit(0 if not got else 5)
+    if mode == "fetch_fails":
+        try:
+            session.fetch(SliceRef(dataset=job["dataset"]))
+        except Exception as exc:
+            print("fetch failed:", exc, file=sys.stderr)
+            sys.exit(0)
+        sys.exit(6)
     files = session.fetch(SliceRef(dataset=job["dataset"]))
     data = session.local_path(files[0].path).read_bytes()
     (session.work_dir / "result.txt").write_text(job["message"] + " " + files[0].sha256)
@@ -80,6 +87,9 @@ class SchedulerSide:
     statuses: list[m.TaskStatus] = field(default_factory=list)
     received: dict[str, bytes] = field(default_factory=dict)
     progress: list[m.ProgressRequest] = field(default_factory=list)
+    returned: list[m.SliceReturned] = field(default_factory=list)
+    wrong_sha256: bool = False
+    """Assign slices with a digest no data node serves, so every fetch fails."""
     changed: trio.Event = field(default_factory=trio.Event)
 
     def notify(self) -> None:
@@ -116,10 +126,15 @@ async def _serve(side: SchedulerSide) -> None:
         return m.Ack()
 
     async def on_slice(peer: str, request: m.NextSliceRequest) -> m.SliceAssign:
-        info = side.manifest.slices[0]
+        sha256 = "0" * 64 if side.wrong_sha256 else side.manifest.slices[0].sha256
         return m.SliceAssign(
-            dataset=request.dataset, index=0, epoch=0, sha256=info.sha256, providers=[side.data_peer]
+            dataset=request.dataset, index=0, epoch=0, sha256=sha256, providers=[side.data_peer]
         )
+
+    async def on_returned(peer: str, request: m.SliceReturned) -> m.Ack:
+        side.returned.append(request)
+        side.notify()
+        return m.Ack()
 
     async def on_progress(peer: str, request: m.ProgressRequest) -> m.Msg:
         side.progress.append(request)
@@ -136,6 +151,7 @@ async def _serve(side: SchedulerSide) -> None:
 
     node.rpc.register(m.TaskStatus, on_status)
     node.rpc.register(m.NextSliceRequest, on_slice)
+    node.rpc.register(m.SliceReturned, on_returned)
     node.rpc.register(m.ProgressRequest, on_progress)
     node.rpc.register(m.TensorPushRequest, on_push)
 
@@ -202,6 +218,20 @@ async def test_executor_fetches_sends_reports_and_exits(pki: Pki, tmp_path: Path
         assert any(s.state == "running" for s in side.statuses if s.task_id == task_id)
         with trio.fail_after(10):
             await wait_until(lambda: not list((tmp_path / "w").glob("task-*")))  # work dir removed
+
+
+async def test_slice_that_cannot_be_fetched_is_given_back_to_the_scheduler(pki: Pki, tmp_path: Path) -> None:
+    async with cluster(pki, tmp_path) as (side, worker, _addr):
+        side.wrong_sha256 = True  # the data node's slice 0 never matches the assignment
+        with trio.fail_after(60):
+            [grant] = await side.allocator.allocate(SPEC, Price(bid=1.0, max_price=5.0), 1)
+            await wait_until(lambda: worker.leases.ledger.statistics().num_renewable == 1)
+            task_id = await side.dispatch(grant, {"mode": "fetch_fails", "dataset": "jack"})
+            status = await side.wait_status(task_id, "finished", "failed")
+        # The script saw the fetch fail, and the scheduler was told it will not train slice 0.
+        assert (status.state, status.exit_code) == ("finished", 0), status.detail
+        assert [(r.job_id, r.dataset, r.index) for r in side.returned] == [("job", "jack", 0)]
+        assert "sha256" in side.returned[0].reason
 
 
 async def test_lease_expiry_kills_executor_that_ignores_sigterm(pki: Pki, tmp_path: Path, caplog) -> None:

@@ -135,6 +135,29 @@ def test_release_worker_returns_in_flight_slices() -> None:
     assert tracker.release_worker("nobody") == []
 
 
+def test_given_back_slice_goes_to_another_worker_first() -> None:
+    tracker = SliceTracker(3)
+    tracker.set_workers(["a", "b", "c"])
+    assert tracker.assign("a") == (0, 0)
+    with pytest.raises(LeaseError, match="not assigned"):
+        tracker.give_back("b", 0)
+    tracker.give_back("a", 0)  # a could not fetch it
+    assert (tracker.state(0), tracker.owner(0)) == (SliceState.AVAILABLE, None)
+    with pytest.raises(LeaseError, match="not assigned"):
+        tracker.mark_used("a", 0)  # a holds it no more
+    # a is handed its other work first; slice 0 goes to the next worker that asks.
+    assert tracker.assign("a") == (1, 0)
+    assert tracker.assign("c") == (2, 0)
+    assert tracker.assign("b") == (0, 0)
+    tracker.give_back("b", 0)
+    # When nothing else is left, a worker that failed on a slice is handed it again.
+    assert tracker.assign("a") == (0, 0)
+    for index, worker in ((0, "a"), (1, "a"), (2, "c")):
+        tracker.mark_used(worker, index)
+    # A new epoch forgets who failed on what.
+    assert tracker.assign("b") == (0, 1)
+
+
 def test_statistics() -> None:
     tracker = SliceTracker(3)
     tracker.assign("a")
@@ -227,6 +250,19 @@ class SliceMachine(RuleBasedStateMachine):
         for index in returned:
             del self.held[index]
         assert all(self.tracker.owner(i) != worker for i in range(self.num_slices))
+
+    @precondition(lambda self: bool(self.held))
+    @rule(data=st.data())
+    def give_back(self, data: st.DataObject) -> None:
+        """A worker that could not fetch its slice hands it back: available again, unowned."""
+        index = data.draw(st.sampled_from(sorted(self.held)))
+        worker, _epoch = self.held[index]
+        wrong = data.draw(st.sampled_from([w for w in WORKERS if w != worker]))
+        with pytest.raises(LeaseError):
+            self.tracker.give_back(wrong, index)
+        self.tracker.give_back(worker, index)
+        del self.held[index]
+        assert self.tracker.owner(index) is None
 
     @rule(workers=st.sets(st.sampled_from(WORKERS)))
     def set_workers(self, workers: set[str]) -> None:

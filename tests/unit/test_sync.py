@@ -272,6 +272,38 @@ def test_planner_ema_and_estimates_survive_rounds() -> None:
     assert not planner.round_complete
 
 
+def test_planner_counts_reports_of_the_next_round_that_came_early() -> None:
+    planner = SyncPlanner(horizon_seconds=1.0)
+    planner.start_round(0, 100, [("a", 10), ("b", 10)], now=0.0)
+    # a sent its update and trains on while round 0 is closed: 3 batches of round 1 early.
+    assert planner.record_ahead("a", 1, 3, 30, 6.0)
+    assert not planner.record_ahead("a", 0, 1, 10, 1.0)  # the current round is not "ahead"
+    assert not planner.record_ahead("a", 2, 1, 10, 1.0)  # nor is one two rounds on
+    assert not planner.record_ahead("a", 1, -1, 10, 1.0)
+    assert planner.statistics().samples_done == 0  # nothing counts for round 0
+    planner.start_round(1, 100, [("a", 10), ("b", 10)], now=10.0)
+    stats = planner.statistics()
+    assert stats.samples_done == 30
+    assert stats.seconds_per_batch == {"a": 2.0}
+    assert not planner.round_complete  # the early report gets no plan
+    # The early samples count: 100 - 30 - 10 - 10 = 50 left, about 6 s away, past the horizon.
+    assert planner.on_batches("b", 1, 10, 2.0, now=12.0) is None
+    assert planner.on_batches("a", 1, 10, 2.0, now=12.0) is None
+    assert planner.statistics().samples_done == 50
+
+
+def test_planner_drops_early_reports_of_a_round_that_does_not_follow() -> None:
+    planner = SyncPlanner()
+    planner.start_round(0, 100, [("a", 10)], now=0.0)
+    assert planner.record_ahead("a", 1, 2, 20, 2.0)
+    assert planner.record_ahead("gone", 1, 2, 20, 2.0)  # no longer a trainer at round 1
+    planner.start_round(1, 100, [("a", 10)], now=1.0)
+    assert planner.statistics().samples_done == 20
+    planner.record_ahead("a", 2, 2, 20, 2.0)
+    planner.start_round(1, 100, [("a", 10)], now=2.0)  # a restart of round 1, not round 2
+    assert planner.statistics().samples_done == 0
+
+
 def test_planner_add_trainer_mid_round() -> None:
     planner = SyncPlanner(horizon_seconds=2.0)
     planner.start_round(0, 100, [("a", 10)], now=0.0)

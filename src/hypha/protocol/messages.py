@@ -314,6 +314,15 @@ class SliceUsed(Msg, frozen=True, kw_only=True):
     index: int
 
 
+class SliceReturned(Msg, frozen=True, kw_only=True):
+    """A worker gives back an assigned slice it could not fetch; it becomes AVAILABLE again."""
+
+    job_id: str
+    dataset: str
+    index: int
+    reason: str
+
+
 # --- bulk tensors -------------------------------------------------------------------------
 
 
@@ -392,6 +401,7 @@ Message = (
     | SliceAssign
     | NoSlice
     | SliceUsed
+    | SliceReturned
     | TensorOffer
     | TensorPushRequest
     | TransferDone

@@ -101,6 +101,7 @@ class JobDriver:
         node.rpc.register(m.ProgressRequest, self._progress, roles={"worker"})
         node.rpc.register(m.NextSliceRequest, self._next_slice, roles={"worker"})
         node.rpc.register(m.SliceUsed, self._slice_used, roles={"worker"})
+        node.rpc.register(m.SliceReturned, self._slice_returned, roles={"worker"})
         node.rpc.register(m.RoundClosed, self._round_closed, roles={"worker"})
         node.rpc.register(m.TensorPushRequest, self._final_model, roles={"worker"})
         self._round_closed_event = trio.Event()
@@ -266,7 +267,12 @@ class JobDriver:
             self.recorder.batches(peer, event, now)
             # Fixed-H trainers sync on their own after ``batches_per_round``.
             fixed = self.job.fixed_inner_steps is not None
-            if fixed or peer not in self.trainers or event.round != self.round:
+            if fixed or peer not in self.trainers:
+                return m.Continue()
+            if event.round == self.round + 1:  # it trains on while round r is being closed
+                self.planner.record_ahead(peer, event.round, event.batches, event.samples, event.seconds)
+                return m.Continue()
+            if event.round != self.round:
                 return m.Continue()
             batches = self.planner.on_batches(peer, event.batches, event.samples, event.seconds, now)
             if batches is not None:
@@ -318,6 +324,13 @@ class JobDriver:
 
     async def _slice_used(self, peer: str, request: m.SliceUsed) -> m.Ack:
         self._mark_used(peer, request.index)
+        return m.Ack()
+
+    async def _slice_returned(self, peer: str, request: m.SliceReturned) -> m.Ack:
+        if request.job_id != self.job_id or request.dataset != self.job.dataset:
+            raise DataError(f"no slices of {request.dataset!r} in job {request.job_id}")
+        self.tracker.give_back(peer, request.index)  # a LeaseError answers a stale return
+        logger.warning("slice %d given back by %s: %s", request.index, peer, request.reason[:300])
         return m.Ack()
 
     async def _round_closed(self, peer: str, closed: m.RoundClosed) -> m.Ack:

@@ -8,7 +8,9 @@ in and become AVAILABLE for the current one when they are reported used, so trai
 prefetch never wait for the slowest one to finish its queue (which could deadlock a round). Slices keep an
 owner across epochs so a worker is handed the slices it already has cached; an idle worker
 steals from the owner with the most slices left. A lost worker's in-flight slices return
-to AVAILABLE and it loses ownership, so no slice is skipped. When the job tells the tracker
+to AVAILABLE and it loses ownership, so no slice is skipped; so does a slice its worker gives
+back because it could not fetch it (``give_back``), which that worker is then handed only
+when nothing else is left this epoch. When the job tells the tracker
 its trainers (``set_workers``), each takes fresh slices from its own stripe first (rank
 ``r`` of ``n`` in peer-id order: indices ``r, r+n, r+2n, ...``), so which trainer trains on
 which data does not depend on who asked first, and a run with the same trainers and the
@@ -66,6 +68,8 @@ class SliceTracker:
         self._assigned_in: list[int] = [0] * num_slices
         self._epoch = 0
         self._stripes: dict[str, tuple[int, int]] = {}
+        self._failed: dict[int, set[str]] = {}
+        """Slice -> workers that gave it back this epoch (they get it only as a last resort)."""
 
     @property
     def num_slices(self) -> int:
@@ -116,6 +120,8 @@ class SliceTracker:
         available = [i for i, s in enumerate(self._states) if s is SliceState.AVAILABLE]
         if not available:
             return None
+        untried = [i for i in available if worker not in self._failed.get(i, ())]
+        available = untried or available
         # Cache affinity first, then a slice nobody has (own stripe first), then steal.
         for index in available:
             if self._owners[index] == worker:
@@ -140,7 +146,8 @@ class SliceTracker:
         Preference: the lowest-index AVAILABLE slice it owns, else the lowest-index
         AVAILABLE unowned slice of its stripe (see ``set_workers``), else the lowest-index
         AVAILABLE unowned slice, else the lowest-index AVAILABLE slice of the owner with the
-        most AVAILABLE slices (ties by worker id). When every slice is USED a new epoch
+        most AVAILABLE slices (ties by worker id); slices the worker gave back this epoch
+        are considered only when no other is AVAILABLE. When every slice is USED a new epoch
         starts (owners kept) and the choice is made again.
 
         Args:
@@ -159,6 +166,7 @@ class SliceTracker:
             if not any(state is SliceState.USED for state in self._states):
                 return None
             self._epoch += 1
+            self._failed.clear()
             self._states = [
                 SliceState.AVAILABLE if state is SliceState.USED else state for state in self._states
             ]
@@ -184,6 +192,24 @@ class SliceTracker:
         # used in the current one.
         stale = self._assigned_in[index] < self._epoch
         self._states[index] = SliceState.AVAILABLE if stale else SliceState.USED
+
+    def give_back(self, worker: str, index: int) -> None:
+        """Return slice ``index``, which ``worker`` could not fetch, to AVAILABLE.
+
+        The worker loses ownership (it has not cached the slice) and is handed this slice
+        again this epoch only when no other slice is AVAILABLE, so another worker, which may
+        reach the data nodes where this one could not, gets it first.
+
+        Raises:
+            DataError: ``index`` is out of range.
+            LeaseError: The slice is not ASSIGNED to ``worker``.
+        """
+        self._check_index(index)
+        if self._states[index] is not SliceState.ASSIGNED or self._owners[index] != worker:
+            raise LeaseError(f"slice {index} is not assigned to {worker}")
+        self._states[index] = SliceState.AVAILABLE
+        self._owners[index] = None
+        self._failed.setdefault(index, set()).add(worker)
 
     def release_worker(self, worker: str) -> list[int]:
         """Take back a lost worker's slices: ASSIGNED ones become AVAILABLE again.

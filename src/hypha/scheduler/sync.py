@@ -150,6 +150,8 @@ class SyncPlanner:
         self._sample_budget = 0
         self._samples_done = 0
         self._trainers: dict[str, _Trainer] = {}
+        self._ahead: dict[str, list[tuple[int, int, float]]] = {}
+        """Reports of the next round that came before it started: worker -> (batches, samples, seconds)."""
 
     @property
     def round(self) -> int:
@@ -192,9 +194,46 @@ class SyncPlanner:
             old = previous.get(worker)
             if old is not None:
                 self._trainers[worker].seconds_per_batch = old.seconds_per_batch
+        ahead = self._ahead if round == self._round + 1 else {}
+        self._ahead = {}
         self._round = round
         self._sample_budget = sample_budget
         self._samples_done = 0
+        for worker, reports in ahead.items():
+            trainer = self._trainers.get(worker)
+            if trainer is None:
+                continue  # no longer a trainer: its early batches do not count
+            for batches, samples, seconds in reports:
+                self._measure(trainer, batches, seconds)
+                trainer.samples += samples
+                self._samples_done += samples
+
+    def record_ahead(self, worker: str, round: int, batches: int, samples: int, seconds: float) -> bool:
+        """Keep a report of the next round that arrived before this one closed.
+
+        A trainer that sent its update goes on training while the parameter server waits
+        for the others, so its first report of round ``r + 1`` can reach the scheduler
+        before round ``r`` closes. Its samples and speed count when ``start_round(r + 1)``
+        begins that round (if the worker is still a trainer then); the report itself gets
+        no plan, so the trainer is planned on its next report, with these samples counted.
+
+        Returns:
+            Whether the report was kept (it is for the next round, with valid counts).
+        """
+        if round != self._round + 1 or batches < 0 or samples < 0:
+            return False
+        if not math.isfinite(seconds) or seconds < 0:
+            return False
+        self._ahead.setdefault(worker, []).append((batches, samples, seconds))
+        return True
+
+    def _measure(self, trainer: _Trainer, batches: int, seconds: float) -> None:
+        if batches > 0 and seconds > 0:
+            measured = seconds / batches
+            if trainer.seconds_per_batch is None:
+                trainer.seconds_per_batch = measured
+            else:
+                trainer.seconds_per_batch += self.smoothing * (measured - trainer.seconds_per_batch)
 
     def _add(self, worker: str, batch_size: int, now: float) -> None:
         if batch_size <= 0:
@@ -255,12 +294,7 @@ class SyncPlanner:
             raise ValueError(f"unknown trainer {worker!r} in round {self._round}")
         if batches < 0 or samples < 0 or not math.isfinite(seconds) or seconds < 0:
             raise ValueError("batches, samples and seconds must be >= 0")
-        if batches > 0 and seconds > 0:
-            measured = seconds / batches
-            if trainer.seconds_per_batch is None:
-                trainer.seconds_per_batch = measured
-            else:
-                trainer.seconds_per_batch += self.smoothing * (measured - trainer.seconds_per_batch)
+        self._measure(trainer, batches, seconds)
         trainer.last_report_at = now
         trainer.samples += samples
         self._samples_done += samples

@@ -149,8 +149,16 @@ class Transfers:
             [SliceRef(dataset=assign.dataset, index=h.index, sha256=h.sha256) for h in assign.upcoming]
         )
         rel = Path("slices") / f"{assign.dataset}-{assign.index:05d}.safetensors"
-        async with self.cache.open(ref) as cached:
-            await trio.to_thread.run_sync(_link_or_copy, cached, work_dir / rel)
+        try:
+            async with self.cache.open(ref) as cached:
+                await trio.to_thread.run_sync(_link_or_copy, cached, work_dir / rel)
+        except (HyphaError, OSError, trio.Cancelled) as exc:
+            # The scheduler must not count on this slice being trained: hand it back.
+            reason = "the fetch was cancelled" if isinstance(exc, trio.Cancelled) else str(exc)
+            await self._return_slice(task, assign, reason)
+            if isinstance(exc, OSError):
+                raise DataError(f"cannot store slice {assign.index} in the task's folder: {exc}") from exc
+            raise
         size = (work_dir / rel).stat().st_size
         return b.FetchedFile(
             path=str(rel),
@@ -160,6 +168,22 @@ class Transfers:
             dataset=assign.dataset,
             epoch=assign.epoch,
         )
+
+    async def _return_slice(self, task: Task, assign: m.SliceAssign, reason: str) -> None:
+        """Tell the scheduler that ``assign`` will not be trained here (best effort, shielded)."""
+        returned = m.SliceReturned(
+            job_id=task.job_id, dataset=assign.dataset, index=assign.index, reason=reason[:500]
+        )
+        # Shielded so that a cancelled fetch still reports; short so that shutdown is not held up.
+        with trio.move_on_after(min(5.0, self._node.settings.rpc_timeout_seconds)) as scope:
+            scope.shield = True
+            try:
+                await self._node.request(task.scheduler, returned, m.Ack)
+                return
+            except HyphaError as exc:
+                logger.warning("could not give slice %d back to the scheduler: %s", assign.index, exc)
+                return
+        logger.warning("could not give slice %d back to the scheduler: no answer", assign.index)
 
     async def _fetch_slice(self, ref: SliceRef, dest: Path) -> None:
         """The cache's fetcher: try every provider, with backoff between rounds."""
