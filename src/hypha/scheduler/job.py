@@ -269,7 +269,7 @@ class JobDriver:
             fixed = self.job.fixed_inner_steps is not None
             if fixed or peer not in self.trainers:
                 return m.Continue()
-            if event.round == self.round + 1:  # it trains on while round r is being closed
+            if event.round == self.round + 1:  # it got round r's weights before we heard of them
                 self.planner.record_ahead(peer, event.round, event.batches, event.samples, event.seconds)
                 return m.Continue()
             if event.round != self.round:

@@ -211,9 +211,9 @@ class SyncPlanner:
     def record_ahead(self, worker: str, round: int, batches: int, samples: int, seconds: float) -> bool:
         """Keep a report of the next round that arrived before this one closed.
 
-        A trainer that sent its update goes on training while the parameter server waits
-        for the others, so its first report of round ``r + 1`` can reach the scheduler
-        before round ``r`` closes. Its samples and speed count when ``start_round(r + 1)``
+        The parameter server sends round ``r``'s weights to every trainer before it tells
+        the scheduler that the round closed, so a trainer served early can train and report
+        round ``r + 1`` before the scheduler has started it. Its samples and speed count when ``start_round(r + 1)``
         begins that round (if the worker is still a trainer then); the report itself gets
         no plan, so the trainer is planned on its next report, with these samples counted.
 
