@@ -213,9 +213,10 @@ class SyncPlanner:
 
         The parameter server sends round ``r``'s weights to every trainer before it tells
         the scheduler that the round closed, so a trainer served early can train and report
-        round ``r + 1`` before the scheduler has started it. Its samples and speed count when ``start_round(r + 1)``
-        begins that round (if the worker is still a trainer then); the report itself gets
-        no plan, so the trainer is planned on its next report, with these samples counted.
+        round ``r + 1`` before the scheduler has started it. Its samples and speed count
+        when ``start_round(r + 1)`` begins that round (if the worker is still a trainer
+        then); the report itself gets no plan, so the trainer is planned on its next
+        report, with these samples counted.
 
         Returns:
             Whether the report was kept (it is for the next round, with valid counts).
