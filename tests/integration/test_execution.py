@@ -230,7 +230,7 @@ async def test_slice_that_cannot_be_fetched_is_given_back_to_the_scheduler(pki: 
             status = await side.wait_status(task_id, "finished", "failed")
         # The script saw the fetch fail, and the scheduler was told it will not train slice 0.
         assert (status.state, status.exit_code) == ("finished", 0), status.detail
-        assert [(r.job_id, r.dataset, r.index) for r in side.returned] == [("job", "jack", 0)]
+        assert [(r.job_id, r.dataset, r.index, r.epoch) for r in side.returned] == [("job", "jack", 0, 0)]
         assert "sha256" in side.returned[0].reason
 
 

@@ -140,22 +140,44 @@ def test_given_back_slice_goes_to_another_worker_first() -> None:
     tracker.set_workers(["a", "b", "c"])
     assert tracker.assign("a") == (0, 0)
     with pytest.raises(LeaseError, match="not assigned"):
-        tracker.give_back("b", 0)
-    tracker.give_back("a", 0)  # a could not fetch it
+        tracker.give_back("b", 0, 0)  # not b's
+    with pytest.raises(LeaseError, match="not assigned"):
+        tracker.give_back("a", 0, 1)  # not this assignment
+    assert not tracker.give_back("a", 0, 0)  # a could not fetch it
     assert (tracker.state(0), tracker.owner(0)) == (SliceState.AVAILABLE, None)
     with pytest.raises(LeaseError, match="not assigned"):
         tracker.mark_used("a", 0)  # a holds it no more
+    with pytest.raises(LeaseError, match="not assigned"):
+        tracker.give_back("a", 0, 0)  # a repeated return
     # a is handed its other work first; slice 0 goes to the next worker that asks.
     assert tracker.assign("a") == (1, 0)
     assert tracker.assign("c") == (2, 0)
     assert tracker.assign("b") == (0, 0)
-    tracker.give_back("b", 0)
+    assert not tracker.give_back("b", 0, 0)
     # When nothing else is left, a worker that failed on a slice is handed it again.
     assert tracker.assign("a") == (0, 0)
     for index, worker in ((0, "a"), (1, "a"), (2, "c")):
         tracker.mark_used(worker, index)
     # A new epoch forgets who failed on what.
     assert tracker.assign("b") == (0, 1)
+
+
+def test_slice_every_trainer_gave_back_is_skipped_for_the_epoch() -> None:
+    tracker = SliceTracker(2)
+    tracker.set_workers(["a", "b"])
+    assert tracker.assign("a") == (0, 0)
+    assert tracker.assign("b") == (1, 0)
+    assert not tracker.give_back("a", 0, 0)
+    tracker.mark_used("b", 1)
+    assert tracker.assign("b") == (0, 0)
+    # No trainer can fetch slice 0 (say its only data node is down): the epoch goes on.
+    assert tracker.give_back("b", 0, 0)
+    assert tracker.state(0) is SliceState.USED
+    stats = tracker.statistics()
+    assert (stats.num_used, stats.num_skipped, stats.num_assigned) == (2, 1, 0)
+    # The next epoch tries it again.
+    assert tracker.assign("a") == (0, 1)
+    assert tracker.statistics().num_skipped == 0
 
 
 def test_statistics() -> None:
@@ -202,7 +224,10 @@ class SliceMachine(RuleBasedStateMachine):
         self.tracker = SliceTracker(self.num_slices)
         self.epoch = 0
         self.held: dict[int, tuple[str, int]] = {}  # ASSIGNED slice -> (worker, epoch assigned in)
-        self.used: dict[int, set[int]] = {0: set()}  # epoch -> slices used for it
+        self.used: dict[int, set[int]] = {0: set()}  # epoch -> slices used (or skipped) for it
+        self.skipped: dict[int, set[int]] = {0: set()}  # epoch -> slices every trainer gave back
+        self.failed: dict[tuple[int, int], set[str]] = {}  # (epoch, slice) -> workers that gave it back
+        self.trainers: set[str] = set()
 
     def _new_epoch_if_needed(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -212,6 +237,7 @@ class SliceMachine(RuleBasedStateMachine):
             assert self.used[self.epoch]
             self.epoch = epoch
             self.used[epoch] = set()
+            self.skipped[epoch] = set()
 
     def _available(self) -> set[int]:
         return set(range(self.num_slices)) - set(self.held) - self.used[self.epoch]
@@ -254,20 +280,30 @@ class SliceMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.held))
     @rule(data=st.data())
     def give_back(self, data: st.DataObject) -> None:
-        """A worker that could not fetch its slice hands it back: available again, unowned."""
+        """A worker that could not fetch its slice hands it back: available again, unowned,
+        or skipped for this epoch once every trainer has given it back."""
         index = data.draw(st.sampled_from(sorted(self.held)))
-        worker, _epoch = self.held[index]
+        worker, epoch = self.held[index]
         wrong = data.draw(st.sampled_from([w for w in WORKERS if w != worker]))
         with pytest.raises(LeaseError):
-            self.tracker.give_back(wrong, index)
-        self.tracker.give_back(worker, index)
+            self.tracker.give_back(wrong, index, epoch)
+        with pytest.raises(LeaseError):
+            self.tracker.give_back(worker, index, epoch + 1)
+        failed = self.failed.setdefault((self.epoch, index), set())
+        failed.add(worker)
+        skipped = self.tracker.give_back(worker, index, epoch)
+        assert skipped == (failed >= self.trainers | {worker})
         del self.held[index]
+        if skipped:
+            self.used[self.epoch].add(index)
+            self.skipped[self.epoch].add(index)
         assert self.tracker.owner(index) is None
 
     @rule(workers=st.sets(st.sampled_from(WORKERS)))
     def set_workers(self, workers: set[str]) -> None:
         """Stripes change only which fresh slice comes first, never the invariants."""
         self.tracker.set_workers(workers)
+        self.trainers = set(workers)
 
     @rule(worker=st.sampled_from(WORKERS))
     def drain(self, worker: str) -> None:
@@ -307,6 +343,7 @@ class SliceMachine(RuleBasedStateMachine):
         stats = self.tracker.statistics()
         assert stats.num_assigned == len(self.held)
         assert stats.num_used == len(self.used[self.epoch])
+        assert stats.num_skipped == len(self.skipped[self.epoch])
 
 
 TestSliceMachine = SliceMachine.TestCase

@@ -315,11 +315,16 @@ class SliceUsed(Msg, frozen=True, kw_only=True):
 
 
 class SliceReturned(Msg, frozen=True, kw_only=True):
-    """A worker gives back an assigned slice it could not fetch; it becomes AVAILABLE again."""
+    """A worker gives back an assigned slice it could not fetch; it becomes AVAILABLE again.
+
+    ``epoch`` is the assignment's (``SliceAssign.epoch``), so a late return cannot take back
+    a later assignment of the same slice.
+    """
 
     job_id: str
     dataset: str
     index: int
+    epoch: int
     reason: str
 
 

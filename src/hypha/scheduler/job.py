@@ -329,8 +329,17 @@ class JobDriver:
     async def _slice_returned(self, peer: str, request: m.SliceReturned) -> m.Ack:
         if request.job_id != self.job_id or request.dataset != self.job.dataset:
             raise DataError(f"no slices of {request.dataset!r} in job {request.job_id}")
-        self.tracker.give_back(peer, request.index)  # a LeaseError answers a stale return
-        logger.warning("slice %d given back by %s: %s", request.index, peer, request.reason[:300])
+        # A stale or repeated return is answered with the tracker's LeaseError.
+        skipped = self.tracker.give_back(peer, request.index, request.epoch)
+        reason = request.reason[:300]
+        logger.warning("slice %d given back by %s: %s", request.index, peer, reason)
+        if skipped:
+            logger.error(
+                "slice %d skipped in epoch %d: no trainer could fetch it (last: %s)",
+                request.index,
+                self.tracker.epoch,
+                reason,
+            )
         return m.Ack()
 
     async def _round_closed(self, peer: str, closed: m.RoundClosed) -> m.Ack:

@@ -8,9 +8,11 @@ in and become AVAILABLE for the current one when they are reported used, so trai
 prefetch never wait for the slowest one to finish its queue (which could deadlock a round). Slices keep an
 owner across epochs so a worker is handed the slices it already has cached; an idle worker
 steals from the owner with the most slices left. A lost worker's in-flight slices return
-to AVAILABLE and it loses ownership, so no slice is skipped; so does a slice its worker gives
-back because it could not fetch it (``give_back``), which that worker is then handed only
-when nothing else is left this epoch. When the job tells the tracker
+to AVAILABLE and it loses ownership, so no slice is lost (one in flight from an earlier
+epoch counts for the current one then). So does a slice its worker gives back because it
+could not fetch it (``give_back``): that worker is handed it again this epoch only when
+nothing else is left, and once every trainer has given it back it is skipped for the epoch
+(counted USED, in ``num_skipped``) rather than stalling it. When the job tells the tracker
 its trainers (``set_workers``), each takes fresh slices from its own stripe first (rank
 ``r`` of ``n`` in peer-id order: indices ``r, r+n, r+2n, ...``), so which trainer trains on
 which data does not depend on who asked first, and a run with the same trainers and the
@@ -47,6 +49,9 @@ class SliceStatistics:
     num_available: int
     num_assigned: int
     num_used: int
+    """Slices used this epoch, the skipped ones included."""
+    num_skipped: int
+    """Slices skipped this epoch because every trainer gave them back."""
     num_owners: int
 
 
@@ -70,6 +75,8 @@ class SliceTracker:
         self._stripes: dict[str, tuple[int, int]] = {}
         self._failed: dict[int, set[str]] = {}
         """Slice -> workers that gave it back this epoch (they get it only as a last resort)."""
+        self._skipped: set[int] = set()
+        """Slices every trainer gave back this epoch: USED without being trained."""
 
     @property
     def num_slices(self) -> int:
@@ -167,6 +174,7 @@ class SliceTracker:
                 return None
             self._epoch += 1
             self._failed.clear()
+            self._skipped.clear()
             self._states = [
                 SliceState.AVAILABLE if state is SliceState.USED else state for state in self._states
             ]
@@ -193,23 +201,40 @@ class SliceTracker:
         stale = self._assigned_in[index] < self._epoch
         self._states[index] = SliceState.AVAILABLE if stale else SliceState.USED
 
-    def give_back(self, worker: str, index: int) -> None:
-        """Return slice ``index``, which ``worker`` could not fetch, to AVAILABLE.
+    def give_back(self, worker: str, index: int, epoch: int) -> bool:
+        """Take back slice ``index``, which ``worker`` could not fetch (assigned for ``epoch``).
 
-        The worker loses ownership (it has not cached the slice) and is handed this slice
-        again this epoch only when no other slice is AVAILABLE, so another worker, which may
-        reach the data nodes where this one could not, gets it first.
+        The worker loses ownership (it has not cached the slice). The slice is AVAILABLE
+        again, and handed to this worker again this epoch only when no other slice is
+        AVAILABLE, so another worker, which may reach the data nodes where this one could
+        not, gets it first. Once every trainer (``set_workers``; this worker alone when none
+        were set) has given it back this epoch, no one is expected to fetch it: it is skipped
+        for the epoch, counted USED, so that the epoch can end; the next epoch tries again.
+
+        Returns:
+            Whether the slice is skipped for this epoch.
 
         Raises:
             DataError: ``index`` is out of range.
-            LeaseError: The slice is not ASSIGNED to ``worker``.
+            LeaseError: The slice is not ASSIGNED to ``worker`` for ``epoch`` (a stale or
+                repeated return).
         """
         self._check_index(index)
-        if self._states[index] is not SliceState.ASSIGNED or self._owners[index] != worker:
-            raise LeaseError(f"slice {index} is not assigned to {worker}")
-        self._states[index] = SliceState.AVAILABLE
+        if (
+            self._states[index] is not SliceState.ASSIGNED
+            or self._owners[index] != worker
+            or self._assigned_in[index] != epoch
+        ):
+            raise LeaseError(f"slice {index} is not assigned to {worker} for epoch {epoch}")
         self._owners[index] = None
-        self._failed.setdefault(index, set()).add(worker)
+        failed = self._failed.setdefault(index, set())
+        failed.add(worker)
+        if failed >= set(self._stripes) | {worker}:
+            self._states[index] = SliceState.USED
+            self._skipped.add(index)
+            return True
+        self._states[index] = SliceState.AVAILABLE
+        return False
 
     def release_worker(self, worker: str) -> list[int]:
         """Take back a lost worker's slices: ASSIGNED ones become AVAILABLE again.
@@ -239,5 +264,6 @@ class SliceTracker:
             num_available=counts[SliceState.AVAILABLE],
             num_assigned=counts[SliceState.ASSIGNED],
             num_used=counts[SliceState.USED],
+            num_skipped=len(self._skipped),
             num_owners=len({owner for owner in self._owners if owner is not None}),
         )

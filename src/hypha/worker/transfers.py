@@ -51,6 +51,16 @@ def _safe_name(name: str) -> str:
     return base
 
 
+def _failure(exc: BaseException) -> str:
+    """Why a fetch failed, in words; a cancellation may arrive inside an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(trio.Cancelled)
+        if matched is not None and rest is None:
+            return "the fetch was cancelled"
+        return "; ".join(_failure(inner) for inner in exc.exceptions)
+    return "the fetch was cancelled" if isinstance(exc, trio.Cancelled) else str(exc) or repr(exc)
+
+
 def _link_or_copy(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
@@ -152,10 +162,9 @@ class Transfers:
         try:
             async with self.cache.open(ref) as cached:
                 await trio.to_thread.run_sync(_link_or_copy, cached, work_dir / rel)
-        except (HyphaError, OSError, trio.Cancelled) as exc:
-            # The scheduler must not count on this slice being trained: hand it back.
-            reason = "the fetch was cancelled" if isinstance(exc, trio.Cancelled) else str(exc)
-            await self._return_slice(task, assign, reason)
+        except BaseException as exc:  # cancellations (also inside a group) included
+            # The scheduler must not count on this slice being trained here: hand it back.
+            await self._return_slice(task, assign, _failure(exc))
             if isinstance(exc, OSError):
                 raise DataError(f"cannot store slice {assign.index} in the task's folder: {exc}") from exc
             raise
@@ -172,7 +181,11 @@ class Transfers:
     async def _return_slice(self, task: Task, assign: m.SliceAssign, reason: str) -> None:
         """Tell the scheduler that ``assign`` will not be trained here (best effort, shielded)."""
         returned = m.SliceReturned(
-            job_id=task.job_id, dataset=assign.dataset, index=assign.index, reason=reason[:500]
+            job_id=task.job_id,
+            dataset=assign.dataset,
+            index=assign.index,
+            epoch=assign.epoch,
+            reason=reason[:500],
         )
         # Shielded so that a cancelled fetch still reports; short so that shutdown is not held up.
         with trio.move_on_after(min(5.0, self._node.settings.rpc_timeout_seconds)) as scope:
@@ -180,7 +193,7 @@ class Transfers:
             try:
                 await self._node.request(task.scheduler, returned, m.Ack)
                 return
-            except HyphaError as exc:
+            except Exception as exc:  # never replaces the failure being handled
                 logger.warning("could not give slice %d back to the scheduler: %s", assign.index, exc)
                 return
         logger.warning("could not give slice %d back to the scheduler: no answer", assign.index)

@@ -1,0 +1,109 @@
+"""The scheduler's job driver answering trainers and the parameter server over real nodes.
+
+A ``JobDriver`` runs on a scheduler node; a trainer and a parameter server are plain worker
+nodes that send it the messages their executors' workers would. The trainer pool is a
+stand-in (nothing is leased or dispatched here): what is under test is what the driver does
+with a slice a trainer gives back and with progress that runs a round ahead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import trio
+
+from hypha.data.manifest import load_manifest
+from hypha.data.prepare import prepare_dataset
+from hypha.errors import RemoteError
+from hypha.protocol import messages as m
+from hypha.scheduler.job import JobDriver, Member
+from hypha.scheduler.node import SchedulerParts
+from hypha.scheduler.slices import SliceState
+from hypha.testing.cluster import Pki, open_test_node
+from hypha.testing.network import training_job
+
+
+def job_doc() -> dict[str, object]:
+    return {
+        "dataset": "jack",
+        "rounds": 3,
+        "samples_per_round": 1000,
+        "batch_size": 8,
+        "model": {"kind": "builtin", "name": "gpt", "options": {"dim": 16, "num_layers": 1}},
+    }
+
+
+async def test_driver_takes_back_returned_slices_and_counts_early_progress(pki: Pki, tmp_path: Path) -> None:
+    src = tmp_path / "text"
+    src.mkdir()
+    (src / "a.txt").write_text("all work and no play makes jack a dull boy\n" * 200)
+    manifest = prepare_dataset(src, "jack", tmp_path / "ds", slice_samples=32, seq_len=16)
+    assert manifest.num_slices >= 4
+    job = training_job(tmp_path, "driver", job_doc(), num_trainers=2)
+    async with (
+        open_test_node(pki, "sched", "scheduler") as sched,
+        open_test_node(pki, "trainer", "worker") as trainer,
+        open_test_node(pki, "ps", "worker") as ps,
+    ):
+        pool = SimpleNamespace(workers=lambda: [trainer.peer_id, "other-trainer"])
+        parts = SchedulerParts(
+            node=sched,
+            allocator=None,  # type: ignore[arg-type]
+            trainers=pool,  # type: ignore[arg-type]
+            parameter_server=None,  # type: ignore[arg-type]
+            events=None,  # type: ignore[arg-type]
+            statuses=None,  # type: ignore[arg-type]
+        )
+        driver = JobDriver(parts, job, ["data-node"], load_manifest(tmp_path / "ds"))
+
+        async def plan_ack(peer: str, plan: m.RoundPlan) -> m.Ack:
+            return m.Ack()
+
+        ps.rpc.register(m.RoundPlan, plan_ack, roles={"scheduler"})
+        driver.ps = Member(worker=ps.peer_id, task_id="ps-task", lease_id="ps-lease")
+        driver.trainers[trainer.peer_id] = Member(worker=trainer.peer_id, task_id="t", lease_id="l")
+        driver.tracker.set_workers([trainer.peer_id, "other-trainer"])
+        driver.planner.start_round(0, job.samples_per_round, [(trainer.peer_id, job.batch_size)], 0.0)
+        for node in (trainer, ps):
+            await node.connect(sched.listen_addrs()[0])
+
+        with trio.fail_after(30):
+            # The trainer is assigned a slice, cannot fetch it and gives it back.
+            assign = await trainer.request(
+                sched.peer_id, m.NextSliceRequest(job_id=driver.job_id, dataset="jack"), m.SliceAssign
+            )
+            returned = m.SliceReturned(
+                job_id=driver.job_id,
+                dataset="jack",
+                index=assign.index,
+                epoch=assign.epoch,
+                reason="no provider answered",
+            )
+            await trainer.request(sched.peer_id, returned, m.Ack)
+            assert driver.tracker.state(assign.index) is SliceState.AVAILABLE
+            assert driver.tracker.assigned(trainer.peer_id) == []
+            with pytest.raises(RemoteError, match="not assigned"):
+                await trainer.request(sched.peer_id, returned, m.Ack)  # a repeated return
+            wrong_job = m.SliceReturned(job_id="other", dataset="jack", index=0, epoch=0, reason="")
+            with pytest.raises(RemoteError, match="no slices"):
+                await trainer.request(sched.peer_id, wrong_job, m.Ack)
+            # Its next slice is another one: the given-back slice waits for the other trainer.
+            again = await trainer.request(
+                sched.peer_id, m.NextSliceRequest(job_id=driver.job_id, dataset="jack"), m.SliceAssign
+            )
+            assert again.index != assign.index
+
+            # The trainer got round 0's weights and reports round 1 before round 0 closed.
+            early = m.BatchesDone(round=1, batches=3, samples=24, seconds=0.3)
+            progress = m.ProgressRequest(job_id=driver.job_id, task_id="t", event=early)
+            assert isinstance(await trainer.request(sched.peer_id, progress, m.Msg), m.Continue)
+            assert driver.planner.statistics().samples_done == 0  # not round 0's samples
+            closed = m.RoundClosed(job_id=driver.job_id, round=0, num_updates=1, samples=1000)
+            await ps.request(sched.peer_id, closed, m.Ack)
+        assert driver.round == 1
+        stats = driver.planner.statistics()
+        assert stats.round == 1
+        assert stats.samples_done == 24  # the early batches count for round 1
+        assert stats.seconds_per_batch == {trainer.peer_id: pytest.approx(0.1)}

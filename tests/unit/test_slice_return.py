@@ -1,0 +1,66 @@
+"""A worker hands an assigned slice back when its fetch ends without the slice.
+
+The network is a stand-in here (the failing-fetch path with real nodes, a real bridge and a
+real executor is in ``tests/integration/test_execution.py``); what is under test is that a
+cancelled fetch, even one whose cancellation arrives inside an exception group, still tells
+the scheduler, and that the cancellation is not swallowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import trio
+
+from hypha.protocol import messages as m
+from hypha.worker.transfers import Transfers
+
+SHA = "ab" * 32
+
+
+class Network:
+    """Answers the worker's requests: the scheduler assigns slice 3, the data node stalls."""
+
+    def __init__(self) -> None:
+        self.returned: list[m.SliceReturned] = []
+        self.fetch_started = trio.Event()
+        self.settings = SimpleNamespace(rpc_timeout_seconds=10.0)
+        self.rpc = SimpleNamespace(register=lambda *args, **kwargs: None)
+
+    async def request(self, peer: str, msg: m.Msg, expect: type[Any], **kwargs: Any) -> Any:
+        if isinstance(msg, m.NextSliceRequest):
+            return m.SliceAssign(dataset="ds", index=3, epoch=2, sha256=SHA, providers=["data"])
+        if isinstance(msg, m.SliceReturned):
+            self.returned.append(msg)
+            return m.Ack()
+        assert isinstance(msg, m.SliceRequest)
+        self.fetch_started.set()
+        async with trio.open_nursery() as nursery:  # as a pull's byte loop does
+            nursery.start_soon(trio.sleep_forever)
+        raise AssertionError("unreachable")
+
+
+async def test_cancelled_fetch_gives_the_slice_back(tmp_path: Path) -> None:
+    network = Network()
+    config = SimpleNamespace(work_dir=tmp_path, cache_slices=4, prefetch_depth=0)
+    bulk = SimpleNamespace(recycle=lambda path: None)
+    transfers = Transfers(network, bulk, config, jobs=None)  # type: ignore[arg-type]
+    task = SimpleNamespace(scheduler="sched", job_id="job")
+    finished = False
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+
+            async def fetch() -> None:
+                nonlocal finished
+                await transfers._fetch_assigned_slice(task, "ds", tmp_path / "task")  # type: ignore[arg-type]
+                finished = True
+
+            nursery.start_soon(fetch)
+            await network.fetch_started.wait()
+            nursery.cancel_scope.cancel()  # the executor hung up
+    assert not finished  # the cancellation went on through the fetch
+    [returned] = network.returned
+    assert (returned.job_id, returned.dataset, returned.index, returned.epoch) == ("job", "ds", 3, 2)
+    assert returned.reason == "the fetch was cancelled"
