@@ -145,9 +145,12 @@ class Transfers:
 
     async def _fetch_assigned_slice(self, task: Task, dataset: str | None, work_dir: Path) -> b.FetchedFile:
         name = dataset or self._train_doc(task).dataset
-        reply = await self._node.request(
-            task.scheduler, m.NextSliceRequest(job_id=task.job_id, dataset=name), m.Msg
-        )
+        # Shielded (the request has its own time limit): once the scheduler assigned a slice
+        # we must hear which, so that a fetch cancelled meanwhile can give it back below.
+        with trio.CancelScope(shield=True):
+            reply = await self._node.request(
+                task.scheduler, m.NextSliceRequest(job_id=task.job_id, dataset=name), m.Msg
+            )
         if isinstance(reply, m.NoSlice):
             raise NotReadyError(f"no slice available right now: {reply.reason}")
         assign = codec.expect(reply, m.SliceAssign)
