@@ -92,6 +92,17 @@ class SliceTracker:
         if not 0 <= index < len(self._states):
             raise DataError(f"slice {index} out of range 0..{len(self._states) - 1}")
 
+    def _check_holder(self, worker: str, index: int, epoch: int | None = None) -> None:
+        """Raise unless slice ``index`` is ASSIGNED to ``worker`` (for ``epoch``, if given)."""
+        self._check_index(index)
+        if (
+            self._states[index] is not SliceState.ASSIGNED
+            or self._owners[index] != worker
+            or (epoch is not None and self._assigned_in[index] != epoch)
+        ):
+            for_epoch = "" if epoch is None else f" for epoch {epoch}"
+            raise LeaseError(f"slice {index} is not assigned to {worker}{for_epoch}")
+
     def state(self, index: int) -> SliceState:
         """Return the state of slice ``index`` in the current epoch.
 
@@ -193,9 +204,7 @@ class SliceTracker:
             LeaseError: The slice is not ASSIGNED to ``worker`` (never assigned, already
                 used, or taken back when the worker was released).
         """
-        self._check_index(index)
-        if self._states[index] is not SliceState.ASSIGNED or self._owners[index] != worker:
-            raise LeaseError(f"slice {index} is not assigned to {worker}")
+        self._check_holder(worker, index)
         # Used for the epoch it was assigned in; if that epoch is over, it is still to be
         # used in the current one.
         stale = self._assigned_in[index] < self._epoch
@@ -219,13 +228,7 @@ class SliceTracker:
             LeaseError: The slice is not ASSIGNED to ``worker`` for ``epoch`` (a stale or
                 repeated return).
         """
-        self._check_index(index)
-        if (
-            self._states[index] is not SliceState.ASSIGNED
-            or self._owners[index] != worker
-            or self._assigned_in[index] != epoch
-        ):
-            raise LeaseError(f"slice {index} is not assigned to {worker} for epoch {epoch}")
+        self._check_holder(worker, index, epoch)
         self._owners[index] = None
         failed = self._failed.setdefault(index, set())
         failed.add(worker)

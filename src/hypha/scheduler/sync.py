@@ -92,6 +92,10 @@ def simulate(trainers: Sequence[TrainerPace], samples_remaining: int) -> Plan:
     return Plan(batches=batches, finish_seconds=finish_seconds)
 
 
+def _valid_counts(batches: int, samples: int, seconds: float) -> bool:
+    return batches >= 0 and samples >= 0 and math.isfinite(seconds) and seconds >= 0
+
+
 @dataclass(slots=True)
 class _Trainer:
     batch_size: int
@@ -204,9 +208,7 @@ class SyncPlanner:
             if trainer is None:
                 continue  # no longer a trainer: its early batches do not count
             for batches, samples, seconds in reports:
-                self._measure(trainer, batches, seconds)
-                trainer.samples += samples
-                self._samples_done += samples
+                self._count(trainer, batches, samples, seconds)
 
     def record_ahead(self, worker: str, round: int, batches: int, samples: int, seconds: float) -> bool:
         """Keep a report of the next round that arrived before this one closed.
@@ -221,14 +223,15 @@ class SyncPlanner:
         Returns:
             Whether the report was kept (it is for the next round, with valid counts).
         """
-        if round != self._round + 1 or batches < 0 or samples < 0:
-            return False
-        if not math.isfinite(seconds) or seconds < 0:
+        if round != self._round + 1 or not _valid_counts(batches, samples, seconds):
             return False
         self._ahead.setdefault(worker, []).append((batches, samples, seconds))
         return True
 
-    def _measure(self, trainer: _Trainer, batches: int, seconds: float) -> None:
+    def _count(self, trainer: _Trainer, batches: int, samples: int, seconds: float) -> None:
+        """Add a report's samples to the round and its pace to the trainer's estimate."""
+        trainer.samples += samples
+        self._samples_done += samples
         if batches > 0 and seconds > 0:
             measured = seconds / batches
             if trainer.seconds_per_batch is None:
@@ -293,12 +296,10 @@ class SyncPlanner:
         trainer = self._trainers.get(worker)
         if trainer is None:
             raise ValueError(f"unknown trainer {worker!r} in round {self._round}")
-        if batches < 0 or samples < 0 or not math.isfinite(seconds) or seconds < 0:
+        if not _valid_counts(batches, samples, seconds):
             raise ValueError("batches, samples and seconds must be >= 0")
-        self._measure(trainer, batches, seconds)
+        self._count(trainer, batches, samples, seconds)
         trainer.last_report_at = now
-        trainer.samples += samples
-        self._samples_done += samples
         if trainer.committed is not None:
             trainer.outstanding = max(0, trainer.outstanding - batches)
             return None
