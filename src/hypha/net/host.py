@@ -37,7 +37,14 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
-from hypha.errors import HyphaError, NetworkError, PeerUnreachableError, RequestTimeoutError
+from hypha.errors import (
+    HyphaError,
+    NetworkError,
+    PeerUnreachableError,
+    RequestTimeoutError,
+    describe,
+    hypha_leaf,
+)
 from hypha.net import pubsub as ps
 from hypha.net.admission import AdmissionTransport, PeerDirectory
 from hypha.net.dht import Dht
@@ -145,7 +152,7 @@ class Node:
         refusal = self._security.refusals.pop(peer_id, None)
         if refusal is not None:
             return f"refused the peer: {refusal}"
-        text = _leaf(exc)
+        text = describe(exc)
         if "Failed to connect after" in text or "upgrade" in text.lower() or "handshake" in text.lower():
             return (
                 f"{text}; the peer closed the connection during the security handshake "
@@ -196,7 +203,7 @@ class Node:
                 await self._host.connect(PeerInfo(pid, addrs))
                 return
             except Exception as exc:
-                logger.debug("direct dial of %s failed: %s", peer_id, _leaf(exc))
+                logger.debug("direct dial of %s failed: %s", peer_id, describe(exc))
         errors = []
         for gateway in self._gateways:
             if str(gateway.peer_id) == peer_id:
@@ -209,7 +216,7 @@ class Node:
                 await self._relay.dial(circuit)
                 return
             except Exception as exc:
-                errors.append(f"via {gateway.peer_id}: {_leaf(exc)}")
+                errors.append(f"via {gateway.peer_id}: {describe(exc)}")
         raise PeerUnreachableError(f"cannot reach {peer_id}: " + ("; ".join(errors) or "no known address"))
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
@@ -218,7 +225,7 @@ class Node:
         try:
             stream: Stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         except Exception as exc:
-            raise NetworkError(f"cannot open {protocol} to {peer_id}: {_leaf(exc)}") from exc
+            raise NetworkError(f"cannot open {protocol} to {peer_id}: {describe(exc)}") from exc
         return stream
 
     async def request(
@@ -287,17 +294,6 @@ def _known(host: Any, pid: ID) -> bool:
         return False
 
 
-def _leaf(exc: BaseException) -> str:
-    """The innermost message of a (possibly nested) exception group."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    cause = exc.__cause__
-    text = str(exc) or type(exc).__name__
-    if cause is not None and str(cause) and str(cause) not in text:
-        text = f"{text} ({cause})"
-    return text
-
-
 @asynccontextmanager
 async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
     """Start a node: host, services, listeners, gateway dials, relay reservation.
@@ -328,19 +324,6 @@ async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
         if leaf is None:
             raise
         raise leaf from group
-
-
-def hypha_leaf(group: BaseExceptionGroup[Any]) -> BaseException | None:
-    """The single ``HyphaError`` inside nested nursery groups, if that is all there is."""
-    matched, rest = group.split(HyphaError)
-    if rest is not None or matched is None:
-        return None
-    exc: BaseException = matched
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc
 
 
 @asynccontextmanager
@@ -401,8 +384,8 @@ async def _join_gateways(node: Node, host: Any, nursery: trio.Nursery) -> None:
             with trio.fail_after(node.settings.rpc_timeout_seconds):
                 await host.connect(info)
         except Exception as exc:
-            errors.append(f"{addr}: {_leaf(exc)}")
-            logger.warning("gateway %s unreachable: %s", addr, _leaf(exc))
+            errors.append(f"{addr}: {describe(exc)}")
+            logger.warning("gateway %s unreachable: %s", addr, describe(exc))
             continue
         node._gateways.append(info)
         if node.settings.relay_circuit and node._relay is not None:
@@ -413,7 +396,7 @@ async def _join_gateways(node: Node, host: Any, nursery: trio.Nursery) -> None:
                 if not ok:
                     logger.warning("relay reservation on %s refused", info.peer_id)
             except Exception as exc:
-                logger.warning("relay reservation on %s failed: %s", info.peer_id, _leaf(exc))
+                logger.warning("relay reservation on %s failed: %s", info.peer_id, describe(exc))
     if not node._gateways:
         raise NetworkError("no gateway reachable: " + "; ".join(errors))
     # No routing-table refresh here: the gateways answer DHT queries (server mode), and a

@@ -17,8 +17,8 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from hypha.errors import HyphaError, NetworkError, ProtocolError, RemoteError
-from hypha.protocol import codec
+from hypha.errors import HyphaError, NetworkError, ProtocolError, RemoteError, wire_code
+from hypha.protocol import codec, codes
 from hypha.protocol import messages as m
 
 logger = logging.getLogger(__name__)
@@ -131,37 +131,37 @@ class RpcServer:
                 request = await read_frame(stream)
         except StreamEnded as exc:
             if exc.received:
-                await self._reject(stream, peer, "bad_request", str(exc))
+                await self._reject(stream, peer, codes.BAD_REQUEST, str(exc))
             else:  # the peer gave up (cancelled) before sending anything: nothing malformed
                 logger.info("request from %s abandoned before its first byte", peer)
             await _close(stream)
             return
         except ProtocolError as exc:
-            await self._reject(stream, peer, "bad_request", str(exc))
+            await self._reject(stream, peer, codes.BAD_REQUEST, str(exc))
             await _close(stream)
             return
         except trio.TooSlowError:
-            await self._reject(stream, peer, "timeout", "no complete request in time")
+            await self._reject(stream, peer, codes.TIMEOUT, "no complete request in time")
             await _close(stream)
             return
         route = self._routes.get(type(request))
         if route is None:
-            await self._reject(stream, peer, "unsupported", f"no handler for {type(request).__name__}")
+            await self._reject(stream, peer, codes.UNSUPPORTED, f"no handler for {type(request).__name__}")
         elif route.roles is not None and self._role_of(peer) not in route.roles:
             await self._reject(
                 stream,
                 peer,
-                "forbidden",
+                codes.FORBIDDEN,
                 f"{type(request).__name__} needs role {sorted(route.roles)}",
             )
         else:
             try:
                 response = await route.handler(peer, request)
             except HyphaError as exc:
-                response = m.ErrorResponse(code=type(exc).__name__, detail=str(exc))
+                response = m.ErrorResponse(code=wire_code(exc), detail=str(exc))
             except Exception as exc:
                 logger.exception("handler for %s failed", type(request).__name__)
-                response = m.ErrorResponse(code="internal", detail=repr(exc))
+                response = m.ErrorResponse(code=codes.INTERNAL, detail=repr(exc))
             try:
                 with trio.fail_after(self._timeout):
                     await write_frame(stream, response)

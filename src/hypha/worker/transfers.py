@@ -236,7 +236,7 @@ class Transfers:
                 doc.parameter_server, m.WeightsRequest(job_id=task.job_id, round=round_), m.TensorOffer
             )
         except RemoteError as exc:
-            if exc.code == NotReadyError.__name__:
+            if exc.code == NotReadyError.wire_code:
                 raise NotReadyError(exc.detail) from exc
             raise
         rel = Path("weights") / f"global-{offer.round:05d}.safetensors"
