@@ -123,6 +123,8 @@ class NotReadyError(HyphaError):
 class ExecutorStartError(JobError):
     """The executor could not be started (missing program, bad command): retrying will not help."""
 
+    wire_code: ClassVar[str] = codes.EXECUTOR_START
+
 
 def sole_leaf(exc: BaseException) -> BaseException:
     """Unwrap groups of exactly one member (what nested nurseries make of a single error)."""

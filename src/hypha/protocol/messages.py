@@ -160,6 +160,9 @@ class TaskStatus(Msg, frozen=True, kw_only=True):
     state: TaskState
     exit_code: int | None = None
     detail: str = ""
+    code: str = ""
+    """For ``failed``: a stable code from ``protocol/codes.py`` (``executor_start`` when the
+    executor could not be started at all); empty when the executor itself failed."""
 
 
 # --- training progress ------------------------------------------------------------------
