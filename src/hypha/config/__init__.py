@@ -1,6 +1,11 @@
-"""Node configuration: typed sections per role, loaded from TOML, environment and flags."""
+"""Node configuration: typed sections per role, loaded from TOML, environment and flags.
 
-from hypha.config.load import check_files, load_config, render_default
+The names below are what other packages import: the section types (``schema.py``), loading
+and checking (``load.py``) and the one TOML writer (``toml.py``). Job specs live in
+``config.job``.
+"""
+
+from hypha.config.load import build_section, check_files, load_config, render_default
 from hypha.config.schema import (
     ROLE_CONFIGS,
     ClientNetworkSection,
@@ -13,6 +18,7 @@ from hypha.config.schema import (
     SchedulerConfig,
     WorkerConfig,
 )
+from hypha.config.toml import dumps, write_toml
 
 __all__ = [
     "ROLE_CONFIGS",
@@ -25,7 +31,10 @@ __all__ = [
     "ResourcesSection",
     "SchedulerConfig",
     "WorkerConfig",
+    "build_section",
     "check_files",
+    "dumps",
     "load_config",
     "render_default",
+    "write_toml",
 ]

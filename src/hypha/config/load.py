@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from hypha.config.schema import ROLE_CONFIGS, NetworkSection
+from hypha.config.toml import format_value
 from hypha.errors import ConfigError
 
 T = TypeVar("T")
@@ -105,6 +106,25 @@ def _build(cls: type[T], raw: Mapping[str, Any], prefix: str, problems: list[str
         return None  # type: ignore[return-value]
 
 
+def build_section(cls: type[T], raw: Mapping[str, Any], *, where: str, base: Path | None = None) -> T:
+    """Check ``raw`` (TOML-shaped values) against the config dataclass ``cls`` and build it.
+
+    Args:
+        cls: A section type from ``schema.py`` (or any config dataclass).
+        raw: Values by TOML key, nested sections as mappings.
+        where: Where the values came from (a file name), put in front of each problem.
+        base: Directory that relative paths are resolved against (None: left relative).
+
+    Raises:
+        ConfigError: with every problem found, each naming its key.
+    """
+    problems: list[str] = []
+    config = _build(cls, raw, "", problems, base)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in {where}", [f"{where}: {p}" for p in problems])
+    return config
+
+
 def _parse_env(value: str, tp: Any) -> Any:
     """Environment values are strings; lists are comma separated."""
     origin = get_origin(tp)
@@ -169,12 +189,7 @@ def load_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             raw[key] = value
-    problems: list[str] = []
-    config = _build(cls, raw, "", problems, base)
-    if problems:
-        lines = [f"{where}: {p}" for p in problems]
-        raise ConfigError(f"{len(problems)} problem(s) in {where}", lines)
-    return config
+    return build_section(cls, raw, where=where, base=base)
 
 
 def check_files(config: NetworkSection, where: str) -> list[str]:
@@ -189,20 +204,6 @@ def check_files(config: NetworkSection, where: str) -> list[str]:
             if not Path(p).is_dir():
                 problems.append(f"{where}: {key}: directory {p} does not exist")
     return problems
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, Path):
-        return _toml_value(str(value))
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r}")
 
 
 def render_default(role: str, name: str | None = None) -> str:
@@ -225,7 +226,7 @@ def render_default(role: str, name: str | None = None) -> str:
             tables.append(f"\n# {text}\n[{f.name}]")
             for sub in dataclasses.fields(value):
                 tables.append(f"# {sub.metadata.get('doc', '')}")
-                tables.append(f"{_toml_key(sub.name)} = {_toml_value(getattr(value, sub.name))}")
+                tables.append(f"{_toml_key(sub.name)} = {format_value(getattr(value, sub.name))}")
             continue
         if isinstance(value, list) and value == [] and f.name == "executors":
             tables.append(f"\n# {text} Example:")
@@ -237,7 +238,7 @@ def render_default(role: str, name: str | None = None) -> str:
         if value is None:
             lines.append(f"# {f.name} = ")
         else:
-            lines.append(f"{f.name} = {_toml_value(value)}")
+            lines.append(f"{f.name} = {format_value(value)}")
     return "\n".join(lines + tables) + "\n"
 
 
@@ -252,14 +253,5 @@ def load_identity(path: Path | None) -> NetworkSection:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     keys = ("cert_pem", "key_pem", "trust_pem", "crls_pem", "rpc_timeout_seconds")
-    problems: list[str] = []
-    config = _build(
-        NetworkSection,
-        {k: v for k, v in raw.items() if k in keys},
-        "",
-        problems,
-        path.resolve().parent,
-    )
-    if problems:
-        raise ConfigError(f"{len(problems)} problem(s) in {path}", [f"{path}: {p}" for p in problems])
-    return config
+    identity = {k: v for k, v in raw.items() if k in keys}
+    return build_section(NetworkSection, identity, where=str(path), base=path.resolve().parent)
