@@ -1,0 +1,122 @@
+"""Blocking socket helpers of the direct channel, and the bridge from trio to them.
+
+Owns reading whole frames off a synchronous TLS socket, the peer's verified credentials
+from its certificate, running a blocking loop in a worker thread that a cancellation can
+interrupt (``in_thread``), and picking the host to listen on and to advertise. It decides
+nothing about the exchange: what is sent and when belongs to ``direct.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+from cryptography import x509
+
+from hypha.errors import AdmissionError, ProtocolError, TransferError
+from hypha.pki.verify import CertificateVerifier, PeerCredentials
+from hypha.protocol import codec
+from hypha.protocol import messages as m
+
+T = TypeVar("T")
+
+
+def fill(sock: ssl.SSLSocket, view: memoryview) -> None:
+    """Receive exactly ``len(view)`` bytes into ``view``.
+
+    Raises:
+        TransferError: the connection closed first.
+    """
+    got = 0
+    while got < len(view):
+        num = sock.recv_into(view[got:])
+        if not num:
+            raise TransferError(f"connection closed {len(view) - got} bytes short")
+        got += num
+
+
+def read_frame_blocking(sock: ssl.SSLSocket) -> m.Msg:
+    """Read and decode one frame; a malformed one raises ``hypha.errors.ProtocolError``."""
+    header = memoryview(bytearray(codec.HEADER.size))
+    try:
+        fill(sock, header)
+        body = memoryview(bytearray(codec.parse_header(bytes(header), codec.DEFAULT_MAX_BYTES)))
+        fill(sock, body)
+        return codec.decode_body(bytes(body))
+    except codec.ProtocolError as exc:
+        raise ProtocolError(str(exc)) from exc
+
+
+def peer_credentials(tls: ssl.SSLSocket, verifier: CertificateVerifier) -> PeerCredentials:
+    """The verified identity behind the peer's certificate (OpenSSL checked the chain already).
+
+    Raises:
+        AdmissionError: no certificate, or one ``verifier`` refuses.
+    """
+    der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise AdmissionError("the peer presented no certificate")
+    creds, _ = verifier.verify(x509.load_der_x509_certificate(der))
+    return creds
+
+
+async def in_thread(fn: Callable[[], T], sock: socket.socket, limiter: trio.CapacityLimiter) -> T:
+    """Run a blocking loop on ``sock`` in a worker thread taken from ``limiter``.
+
+    Cancellation: shuts ``sock`` down so that the thread returns promptly, waits for it,
+    then raises ``Cancelled``; no thread outlives the call.
+    """
+    finished = False
+
+    async def abort_on_cancel() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            if not finished:
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    results: list[T] = []
+    errors: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(abort_on_cancel)
+        try:
+            results.append(await trio.to_thread.run_sync(fn, limiter=limiter))
+        except BaseException as exc:  # re-raised below, outside the nursery's group
+            errors.append(exc)
+        finally:
+            finished = True
+            nursery.cancel_scope.cancel()
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
+def listen_host(addresses: list[str]) -> str | None:
+    """The host of the first ``/ip4`` or ``/ip6`` TCP multiaddr, if any."""
+    for address in addresses:
+        parts = address.split("/")
+        if len(parts) >= 5 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
+            return parts[2]
+    return None
+
+
+def advertised_host(host: str, external_addresses: list[str]) -> str | None:
+    """The host others should dial: the bound one, or for a wildcard the first external one."""
+    if host not in ("0.0.0.0", "::"):
+        return host
+    external = listen_host(external_addresses)
+    return external if external not in (None, "0.0.0.0", "::") else None
+
+
+def peername(sock: socket.socket) -> str:
+    """``host:port`` of the connected peer, for logs."""
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "unknown address"
+    return f"{host}:{port}"
