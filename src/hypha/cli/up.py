@@ -16,7 +16,7 @@ from rich.live import Live
 from rich.progress import Progress
 from rich.table import Table
 
-from hypha.errors import HyphaError, JobError
+from hypha.errors import JobError, hypha_leaf
 from hypha.local import (
     LocalPlan,
     ensure_dataset,
@@ -62,10 +62,10 @@ def _render(status: dict[str, Any] | None, plan: LocalPlan) -> Group | Table:
 async def _watch(plan: LocalPlan, console: Console, done: trio.Event) -> None:
     with Live(_render(None, plan), console=console, refresh_per_second=4, transient=False) as live:
         while not done.is_set():
-            live.update(_render(read_status(plan.out), plan))
+            live.update(_render(await trio.to_thread.run_sync(read_status, plan.out), plan))
             with trio.move_on_after(0.5):
                 await done.wait()
-        live.update(_render(read_status(plan.out), plan))
+        live.update(_render(await trio.to_thread.run_sync(read_status, plan.out), plan))
     if not console.is_terminal:
         console.print()  # a redirected Live leaves its last frame without a line end
 
@@ -99,12 +99,9 @@ def run_up(plan: LocalPlan, console: Console, *, single_process: bool, live: boo
     try:
         trio.run(main)
     except BaseExceptionGroup as group:
-        matched, rest = group.split(HyphaError)
-        if matched is None or rest is not None:
+        leaf = hypha_leaf(group)  # only failures on purpose become a message; bugs propagate
+        if leaf is None:
             raise
-        leaf: BaseException = matched
-        while isinstance(leaf, BaseExceptionGroup):
-            leaf = leaf.exceptions[0]
         raise leaf from group
     code = result.get("code", 0)
     if code != 0:

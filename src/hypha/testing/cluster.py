@@ -1,178 +1,48 @@
 """Harness that starts real Hypha nodes for tests and benchmarks.
 
-Owns a throwaway PKI per test, config files written from Python values, child node processes
-(each logging to its own file, reported through its ready file, stopped with SIGTERM then
-SIGKILL), and in-process nodes for multi-node tests in one trio run. Nothing here fakes the
-network: every node is a real py-libp2p host on 127.0.0.1.
+Owns in-process nodes for multi-node tests in one trio run (``open_test_node``), configs
+for in-process workers and schedulers built from Python values, and ``wait_until``. It
+builds on ``hypha.local`` (the development PKI, child node processes) and re-exports those
+names with the TOML writer, so tests import one module. Nothing here fakes the network:
+every node is a real py-libp2p host on 127.0.0.1.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
-from hypha.errors import JobError
+from hypha.config.load import build_section
+from hypha.config.schema import SchedulerConfig, WorkerConfig
+from hypha.config.toml import write_toml
+from hypha.errors import ConfigError
+from hypha.local.children import ChildNode, spawn_node
+from hypha.local.pki import Pki
 from hypha.net.host import Node, NodeSettings, open_node
-from hypha.pki import TlsFiles, create_ca, issue_node
+
+__all__ = [
+    "ChildNode",
+    "Pki",
+    "open_test_node",
+    "scheduler_config",
+    "spawn_node",
+    "wait_until",
+    "worker_config",
+    "write_toml",
+]
+
+T = TypeVar("T")
 
 
-@dataclass
-class Pki:
-    """A development CA in ``root`` that issues node credentials on demand."""
-
-    root: Path
-
-    @classmethod
-    def create(cls, root: Path, org: str = "Test") -> Pki:
-        create_ca(org, root)
-        return cls(root)
-
-    @property
-    def crl(self) -> Path:
-        return self.root / "crl.pem"
-
-    def node(self, name: str, role: str, **kwargs: Any) -> TlsFiles:
-        files = issue_node(self.root, name, role, self.root, **kwargs)
-        return TlsFiles(cert=files.cert, key=files.key, trust=files.trust, crls=self.crl)
-
-    def config_keys(self, tls: TlsFiles) -> dict[str, Any]:
-        return {
-            "cert_pem": str(tls.cert),
-            "key_pem": str(tls.key),
-            "trust_pem": str(tls.trust),
-            "crls_pem": str(tls.crls or self.crl),
-        }
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def write_toml(path: Path, values: Mapping[str, Any]) -> Path:
-    """Write a flat-or-nested mapping as TOML (tables and arrays of tables supported)."""
-    lines: list[str] = []
-    tables: list[str] = []
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            tables.append(f"\n[{key}]")
-            tables += [f"{k} = {_toml(v)}" for k, v in value.items()]
-        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-            for item in value:
-                tables.append(f"\n[[{key}]]")
-                tables += [f"{k} = {_toml(v)}" for k, v in item.items()]
-        else:
-            lines.append(f"{key} = {_toml(value)}")
-    path.write_text("\n".join(lines + tables) + "\n")
-    return path
-
-
-async def wait_until(predicate: Any, *, interval: float = 0.02) -> None:
+async def wait_until(predicate: Callable[[], object], *, interval: float = 0.02) -> None:
     """Poll ``predicate()`` until true; callers bound it with ``trio.fail_after``."""
     while not predicate():  # noqa: ASYNC110 - polling a predicate under the caller's deadline
         await trio.sleep(interval)
-
-
-@dataclass
-class ChildNode:
-    """A node running as a child process."""
-
-    role: str
-    process: trio.Process
-    log_path: Path
-    ready: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def peer_id(self) -> str:
-        return str(self.ready["peer_id"])
-
-    @property
-    def address(self) -> str:
-        return str(self.ready["listen_addresses"][0])
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()
-        except OSError:
-            return ""
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
-
-
-async def _stop(process: trio.Process, grace_seconds: float = 5.0) -> None:
-    with trio.CancelScope(shield=True):
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(grace_seconds):
-                await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-@asynccontextmanager
-async def spawn_node(
-    role_args: Sequence[str],
-    workdir: Path,
-    name: str,
-    *,
-    env: Mapping[str, str] | None = None,
-    ready_timeout_seconds: float = 60.0,
-    module: str = "hypha",
-    stdin: int | None = None,
-) -> AsyncIterator[ChildNode]:
-    """Start ``python -m hypha <role_args> --ready-file ...`` and wait for its ready file.
-
-    The child logs to ``workdir/<name>.log``; on exit the process is stopped (SIGTERM, then
-    SIGKILL) unless the test already killed it.
-    """
-    ready_file = workdir / f"{name}.ready.json"
-    ready_file.unlink(missing_ok=True)
-    log_path = workdir / f"{name}.log"
-    cmd = [sys.executable, "-m", module, *role_args, "--ready-file", str(ready_file)]
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with log_path.open("wb") as log:
-        if stdin is None:
-            process = await trio.lowlevel.open_process(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env
-            )
-        else:
-            process = await trio.lowlevel.open_process(
-                cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=log, env=child_env
-            )
-    node = ChildNode(role_args[0], process, log_path)
-    try:
-        with trio.fail_after(ready_timeout_seconds):
-            while not ready_file.exists():
-                if process.returncode is not None or process.poll() is not None:
-                    raise JobError(f"{name} exited with {process.returncode}:\n{node.log()[-4000:]}")
-                await trio.sleep(0.05)
-        node.ready = json.loads(ready_file.read_text())
-        yield node
-    finally:
-        await _stop(process)
 
 
 @asynccontextmanager
@@ -222,11 +92,12 @@ def worker_config(
     executors: Sequence[Mapping[str, Any]] = ({"class": "train", "name": "diloco", "cmd": sys.executable},),
     listen: bool = True,
     **extra: Any,
-) -> Any:
-    """A ``WorkerConfig`` for an in-process or child worker with fresh credentials."""
-    from hypha.config.load import _build
-    from hypha.config.schema import WorkerConfig
+) -> WorkerConfig:
+    """A ``WorkerConfig`` for an in-process or child worker with fresh credentials.
 
+    Raises:
+        ValueError: the values do not make a valid config (its args list the problems).
+    """
     tls = pki.node(name, "worker")
     raw: dict[str, Any] = {
         **pki.config_keys(tls),
@@ -239,26 +110,22 @@ def worker_config(
         "executors": [dict(e) for e in executors],
         **extra,
     }
-    problems: list[str] = []
-    config = _build(WorkerConfig, raw, "", problems, None)
-    if problems:
-        raise ValueError(problems)
-    return config
+    return _build(WorkerConfig, raw, name)
 
 
-def scheduler_config(pki: Pki, name: str, gateway: str, **extra: Any) -> Any:
-    """A ``SchedulerConfig`` with fresh credentials."""
-    from hypha.config.load import _build
-    from hypha.config.schema import SchedulerConfig
-
+def scheduler_config(pki: Pki, name: str, gateway: str, **extra: Any) -> SchedulerConfig:
+    """A ``SchedulerConfig`` with fresh credentials (``ValueError`` as for ``worker_config``)."""
     raw = {
         **pki.config_keys(pki.node(name, "scheduler")),
         "gateway_addresses": [gateway],
         "relay_circuit": False,
         **extra,
     }
-    problems: list[str] = []
-    config = _build(SchedulerConfig, raw, "", problems, None)
-    if problems:
-        raise ValueError(problems)
-    return config
+    return _build(SchedulerConfig, raw, name)
+
+
+def _build(cls: type[T], raw: Mapping[str, Any], name: str) -> T:
+    try:
+        return build_section(cls, raw, where=f"{name} (test config)")
+    except ConfigError as exc:
+        raise ValueError(exc.problems) from exc

@@ -18,9 +18,11 @@ import trio
 
 from hypha.config.job import JobSpec, load_job
 from hypha.config.schema import DataConfig
+from hypha.config.toml import write_toml
 from hypha.datanode.node import run_data_node
+from hypha.local.pki import Pki
 from hypha.scheduler.node import run_scheduler
-from hypha.testing.cluster import Pki, open_test_node, scheduler_config, worker_config, write_toml
+from hypha.testing.cluster import open_test_node, scheduler_config, worker_config
 from hypha.worker import run_worker
 
 EXECUTORS: list[dict[str, Any]] = [

@@ -16,9 +16,9 @@ from typing import Any
 
 import trio
 
-from hypha.cli.logs import init_logging
 from hypha.config import load_config
 from hypha.errors import HyphaError
+from hypha.local.logs import init_logging
 from hypha.net.host import Node
 from hypha.net.pubsub import Received
 from hypha.net.runner import run_node, settings_from_config
@@ -89,8 +89,13 @@ async def _serve_commands(node: Node) -> None:
                         reply = {"ok": True, "result": await run(cmd)}
                 except (HyphaError, ValueError, trio.TooSlowError) as exc:
                     reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                sys.stdout.write(json.dumps(reply) + "\n")
-                sys.stdout.flush()
+                await trio.to_thread.run_sync(_write_line, json.dumps(reply))
+
+
+def _write_line(line: str) -> None:
+    """One answer on stdout (a pipe to the test, which may be slow to read: blocking)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def main() -> None:

@@ -23,8 +23,10 @@ from typing import Any
 
 import trio
 
-from hypha.cli.logs import init_logging
-from hypha.testing.cluster import Pki, worker_config
+from hypha.config.schema import WorkerConfig
+from hypha.local.logs import init_logging
+from hypha.local.pki import Pki
+from hypha.testing.cluster import worker_config
 from hypha.worker import Worker, run_worker
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def set_batch_window(workers: Sequence[Worker], seconds: float) -> None:
 
 
 async def run_workers(
-    configs: Sequence[Any],
+    configs: Sequence[WorkerConfig],
     *,
     ready_file: Path | None = None,
     task_status: trio.TaskStatus[list[Worker]] = trio.TASK_STATUS_IGNORED,
@@ -91,12 +93,13 @@ async def run_workers(
                 await nursery.start(lambda task_status, c=config: run_worker(c, task_status=task_status))
             )
         if ready_file is not None:
-            write_ready(ready_file, [w.node.peer_id for w in workers])
+            peer_ids = [w.node.peer_id for w in workers]
+            await trio.to_thread.run_sync(write_ready, ready_file, peer_ids)
         logger.info("%d workers up", len(workers))
         task_status.started(workers)
 
 
-def build_configs(args: argparse.Namespace) -> list[Any]:
+def build_configs(args: argparse.Namespace) -> list[WorkerConfig]:
     """One ``WorkerConfig`` per worker, each with fresh credentials from the CA."""
     pki = Pki(args.pki)
     prices = parse_prices(args.prices, args.count)
@@ -112,7 +115,7 @@ def build_configs(args: argparse.Namespace) -> list[Any]:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    configs = build_configs(args)
+    configs = await trio.to_thread.run_sync(build_configs, args)  # key generation blocks
     windows = {
         signal.SIGUSR1: args.alt_batch_window_seconds,
         signal.SIGUSR2: configs[0].batch_window_seconds,
@@ -140,7 +143,8 @@ async def _main(args: argparse.Namespace) -> None:
                     logger.warning("batch window switch ignored (no window given or not up yet)")
                     continue
                 set_batch_window(workers, seconds)
-                write_json(mode_file(args.ready_file), {"batch_window_seconds": seconds})
+                doc = {"batch_window_seconds": seconds}
+                await trio.to_thread.run_sync(write_json, mode_file(args.ready_file), doc)
         nursery.cancel_scope.cancel()
 
 
