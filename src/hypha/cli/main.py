@@ -1,27 +1,27 @@
 """``hypha``: the command line. Thin: parse, load config, set up logging, ``trio.run``.
 
-Owns argument parsing, turning ``HyphaError`` into a one-line message and an exit code
-(2 for bad configuration or input, 1 for runtime failures), and signal handling: SIGINT and
-SIGTERM cancel the running node, which shuts down cleanly. Everything else is delegated.
+Owns the commands and their flags: the four role commands (gateway, worker, scheduler,
+data), each a few lines over ``runner.run_role``, and ``data prepare``, ``up``, ``job
+validate``, ``init``, ``probe`` and ``certutil``; and ``main(argv)``, which turns typer's
+exits into an exit code. Loading configs, logging, signals and error lines (2 for bad
+configuration or input, 1 for runtime failures) are ``runner.py``'s; the work is delegated.
 """
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import trio
 import typer
-from rich.console import Console
 
-from hypha.cli.logs import init_logging
-from hypha.config import check_files, load_config, render_default
-from hypha.config.schema import NetworkSection
+from hypha.cli.runner import err, fail, net_overrides, run_role, run_until_signal, where
+from hypha.config import render_default
+from hypha.config.job import JobSpec, load_job
+from hypha.config.schema import DataConfig, GatewayConfig, SchedulerConfig, WorkerConfig
 from hypha.errors import ConfigError, HyphaError
+from hypha.local.logs import init_logging
 
 app = typer.Typer(
     help="Hypha: decentralized DiLoCo training on machines you do not control centrally.",
@@ -31,7 +31,6 @@ app = typer.Typer(
 )
 certutil = typer.Typer(help="Development PKI: a CA, node certificates, revocation.", no_args_is_help=True)
 app.add_typer(certutil, name="certutil")
-err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
 ValidateOpt = Annotated[
@@ -47,93 +46,6 @@ GatewayOpt = Annotated[list[str] | None, typer.Option("--gateway", help="Gateway
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs, libp2p's included.")]
 
 
-def fail(message: str, problems: list[str] | None = None, code: int = 2) -> None:
-    """Print a user-facing error and exit."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    for problem in problems or []:
-        err.print(f"  - {problem}", highlight=False, markup=False)
-    raise typer.Exit(code)
-
-
-def load_role_config(
-    role: str, path: Path | None, validate: bool, overrides: dict[str, Any]
-) -> NetworkSection:
-    """Load (and with ``--validate`` only check) a role's config."""
-    try:
-        config = load_config(role, path, overrides=overrides)
-        problems = check_files(config, str(path) if path else "<defaults>")
-    except ConfigError as exc:
-        fail(str(exc), exc.problems)
-        raise AssertionError("unreachable") from exc
-    if problems:
-        fail(f"{len(problems)} problem(s) in {path}", problems)
-    if validate:
-        err.print(f"{path or '<defaults>'}: {role} config is valid")
-        raise typer.Exit(0)
-    return config
-
-
-def run_until_signal(role: str, main: Callable[[], Awaitable[None]]) -> None:
-    """``trio.run`` ``main`` and cancel it cleanly on SIGINT or SIGTERM."""
-
-    async def runner() -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def watch_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        err.print(f"{role}: received {signal.Signals(signum).name}, shutting down")
-                        nursery.cancel_scope.cancel()
-                        return
-
-            if threading.current_thread() is threading.main_thread():
-                nursery.start_soon(watch_signals)
-            await main()
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(runner)
-    except HyphaError as exc:
-        fail(str(exc), code=1)
-    except BaseExceptionGroup as group:
-        leaf = _first_hypha_error(group)
-        if leaf is None:
-            _print_leaves(group)
-            fail("internal error (traceback above); please report it", code=1)
-        fail(str(leaf), code=1)
-
-
-def _print_leaves(group: BaseExceptionGroup[Any]) -> None:
-    """Nested nursery groups bury the real error: print only the innermost tracebacks."""
-    import traceback
-
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            _print_leaves(exc)
-        elif type(exc).__name__ != "Cancelled":
-            sys.stderr.write("".join(traceback.format_exception(exc)))
-
-
-def _first_hypha_error(group: BaseExceptionGroup[Any]) -> HyphaError | None:
-    for exc in group.exceptions:
-        if isinstance(exc, HyphaError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first_hypha_error(exc)
-            if found is not None:
-                return found
-    return None
-
-
-def net_overrides(listen: list[str] | None, gateway: list[str] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if listen:
-        out["listen_addresses"] = listen
-    if gateway:
-        out["gateway_addresses"] = gateway
-    return out
-
-
 @app.command()
 def gateway(
     config: ConfigOpt = None,
@@ -143,13 +55,13 @@ def gateway(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a gateway: bootstrap peer, DHT anchor, circuit relay."""
-    from hypha.config.schema import GatewayConfig
     from hypha.gateway import run_gateway
 
-    cfg = load_role_config("gateway", config, validate, net_overrides(listen))
-    assert isinstance(cfg, GatewayConfig)
-    init_logging("gateway", verbose=verbose)
-    run_until_signal("gateway", lambda: run_gateway(cfg, ready_file=ready_file))
+    async def serve(cfg: GatewayConfig) -> None:
+        await run_gateway(cfg, ready_file=ready_file)
+
+    overrides = net_overrides(listen)
+    run_role("gateway", GatewayConfig, config, serve, validate=validate, verbose=verbose, overrides=overrides)
 
 
 @app.command()
@@ -162,18 +74,16 @@ def worker(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a worker: offer resources at a price, hold leases, run executors."""
-    from hypha.config.schema import WorkerConfig
     from hypha.worker import run_worker
 
-    cfg = load_role_config("worker", config, validate, net_overrides(listen, gateway))
-    assert isinstance(cfg, WorkerConfig)
-    init_logging("worker", verbose=verbose)
-    run_until_signal("worker", lambda: run_worker(cfg, ready_file=ready_file))
+    async def serve(cfg: WorkerConfig) -> None:
+        await run_worker(cfg, ready_file=ready_file)
+
+    overrides = net_overrides(listen, gateway)
+    run_role("worker", WorkerConfig, config, serve, validate=validate, verbose=verbose, overrides=overrides)
 
 
-def _load_job(path: Path) -> Any:
-    from hypha.config.job import load_job
-
+def _load_job(path: Path) -> JobSpec:
     try:
         return load_job(path)
     except ConfigError as exc:
@@ -195,16 +105,16 @@ def scheduler(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a scheduler for one job: lease workers, dispatch, synchronise."""
-    from hypha.config.schema import SchedulerConfig
     from hypha.scheduler.node import run_scheduler
 
     spec = _load_job(job)
-    cfg = load_role_config("scheduler", config, validate, net_overrides(listen, gateway))
-    assert isinstance(cfg, SchedulerConfig)
-    init_logging("scheduler", verbose=verbose)
-    run_until_signal(
-        "scheduler",
-        lambda: run_scheduler(cfg, spec, ready_file=ready_file, allocate_only=allocate_only),
+
+    async def serve(cfg: SchedulerConfig) -> None:
+        await run_scheduler(cfg, spec, ready_file=ready_file, allocate_only=allocate_only)
+
+    overrides = net_overrides(listen, gateway)
+    run_role(
+        "scheduler", SchedulerConfig, config, serve, validate=validate, verbose=verbose, overrides=overrides
     )
 
 
@@ -228,23 +138,31 @@ def data(
     """Run a data node: announce datasets in the DHT and serve their slices."""
     if ctx.invoked_subcommand is not None:
         return
-    from hypha.config.schema import DataConfig
     from hypha.datanode.node import load_datasets, run_data_node
 
-    cfg = load_role_config("data", config, False, net_overrides(listen, gateway))
-    assert isinstance(cfg, DataConfig)
-    try:
-        datasets = load_datasets(list(cfg.dataset_path))
-    except HyphaError as exc:
-        fail(f"{config}: dataset_path: {exc}")
-        return
-    if not datasets:
-        fail(f"{config or '<defaults>'}: dataset_path: no dataset to serve")
-    if validate:
-        err.print(f"{config}: data config is valid ({', '.join(sorted(datasets))})")
-        raise typer.Exit(0)
-    init_logging("data", verbose=verbose)
-    run_until_signal("data", lambda: run_data_node(cfg, ready_file=ready_file))
+    def check(cfg: DataConfig) -> str:
+        try:
+            datasets = load_datasets(list(cfg.dataset_path))
+        except HyphaError as exc:
+            fail(f"{where(config)}: dataset_path: {exc}")
+        if not datasets:
+            fail(f"{where(config)}: dataset_path: no dataset to serve")
+        return ", ".join(sorted(datasets))
+
+    async def serve(cfg: DataConfig) -> None:
+        await run_data_node(cfg, ready_file=ready_file)
+
+    overrides = net_overrides(listen, gateway)
+    run_role(
+        "data",
+        DataConfig,
+        config,
+        serve,
+        validate=validate,
+        verbose=verbose,
+        overrides=overrides,
+        check=check,
+    )
 
 
 @data_app.command("prepare")
@@ -285,7 +203,6 @@ def data_prepare(
             )
     except (HyphaError, ValueError) as exc:
         fail(str(exc))
-        return
     err.print(f"{name}: {manifest.num_samples} samples in {manifest.num_slices} slices written to {out}")
 
 
@@ -322,10 +239,8 @@ def up(
         code = run_up(plan, err, single_process=single_process, live=live)
     except ConfigError as exc:
         fail(str(exc), exc.problems)
-        return
     except HyphaError as exc:
         fail(str(exc), code=1)
-        return
     raise typer.Exit(code)
 
 
@@ -375,7 +290,6 @@ def probe(
         cfg = load_identity(config)
     except ConfigError as exc:
         fail(str(exc), exc.problems)
-        return
     init_logging("probe", verbose=verbose, quiet=True)
     result: dict[str, Any] = {}
 
@@ -423,7 +337,6 @@ def certutil_node(
         files = issue_node(ca, name, role, out, days=days)
     except HyphaError as exc:
         fail(str(exc))
-        return
     peer = peer_id_of(load_private_key(files.key).public_key())
     err.print(f"{name} ({role}) peer ID {peer}: {files.cert}, {files.key} [0600], {files.trust}")
 
@@ -440,7 +353,6 @@ def certutil_revoke(
         serial = revoke(ca, cert)
     except HyphaError as exc:
         fail(str(exc))
-        return
     err.print(f"revoked serial {serial:x}; distribute {ca / 'crl.pem'} to every node (crls_pem)")
 
 
