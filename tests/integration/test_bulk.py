@@ -110,7 +110,7 @@ async def test_pull_overwrites_a_recycled_file_exactly(
             await receiver.pull(offer, a.peer_id, dest)
         assert dest.read_bytes() == payload.read_bytes()  # overwritten and cut to size
         assert receiver.statistics().num_reused == 1
-        assert spares.num_bytes == 0
+        assert spares.statistics().num_bytes == 0
         # With no spare left, the next pull writes a new file.
         again = await sender.offer(payload, receiver=b.peer_id, purpose="update")
         if channel == "stream":

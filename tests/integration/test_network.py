@@ -174,14 +174,14 @@ async def test_malformed_and_oversized_rpc_rejected_node_keeps_serving(pki: Pki,
                 reply = await read_frame(stream)
             assert isinstance(reply, m.ErrorResponse)
             assert reply.code == "bad_request"
-        assert gw.rpc.num_rejected == len(cases)
+        assert gw.rpc.statistics().num_rejected == len(cases)
         assert sum("rejected request" in r.getMessage() for r in caplog.records) == len(cases)
         # A stream closed before its first byte is a cancelled request, not a malformed one.
         stream = await client.open_stream(gw.peer_id, ids.API_PROTOCOL)
         await stream.close()
         with trio.fail_after(5):
             await wait_until(lambda: any("abandoned" in r.getMessage() for r in caplog.records))
-        assert gw.rpc.num_rejected == len(cases)
+        assert gw.rpc.statistics().num_rejected == len(cases)
         # An unknown request kind is refused too, and the node still answers good requests.
         with pytest.raises(RemoteError, match="unsupported"):
             await client.request(gw.peer_id, m.EchoRequest(payload="x"), m.EchoResponse)

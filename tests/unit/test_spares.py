@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hypha.net.spares import SpareFiles
+from hypha.net.spares import SpareFiles, SpareStatistics
 
 
 def make(path: Path, size: int) -> Path:
@@ -21,7 +21,7 @@ def test_keeps_files_within_the_budget_and_deletes_the_rest(tmp_path: Path) -> N
     assert not spares.give(make(tmp_path / "b", 200))  # would exceed 300
     assert not (tmp_path / "a").exists()
     assert not (tmp_path / "b").exists()
-    assert spares.num_bytes == 200
+    assert spares.statistics() == SpareStatistics(num_files=1, num_bytes=200, max_bytes=300)
     assert not spares.give(tmp_path / "missing")
 
 
@@ -35,7 +35,7 @@ def test_takes_the_smallest_that_fits_else_the_largest(tmp_path: Path) -> None:
     assert (tmp_path / "t2").stat().st_size == 900
     assert spares.take(1, tmp_path / "t3")
     assert not spares.take(1, tmp_path / "t4")
-    assert spares.num_bytes == 0
+    assert spares.statistics().num_bytes == 0
 
 
 def test_hard_linked_files_are_never_recycled(tmp_path: Path) -> None:
@@ -44,7 +44,7 @@ def test_hard_linked_files_are_never_recycled(tmp_path: Path) -> None:
     os.link(cached, tmp_path / "task-copy")
     assert not spares.give(cached)
     assert (tmp_path / "task-copy").read_bytes() == b"x" * 100  # the other name still reads it
-    assert spares.num_bytes == 0
+    assert spares.statistics().num_bytes == 0
 
 
 def test_opening_empties_spares_of_an_earlier_run(tmp_path: Path) -> None:

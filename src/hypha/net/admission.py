@@ -11,6 +11,7 @@ of every admitted peer so that handlers can authorise by role.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,19 @@ class PeerDirectory:
         creds = self._peers.get(peer_id)
         return creds.role if creds else None
 
+    def __len__(self) -> int:
+        return len(self._peers)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionStatistics:
+    """Counters of an ``AdmissionTransport`` since start."""
+
+    num_admitted: int
+    """Distinct peers whose certificate passed verification (either direction)."""
+    num_refused_inbound: int
+    num_refused_outbound: int
+
 
 class AdmissionTransport(TLSTransport):
     """TLS 1.3 security transport that admits only peers certified by our CA."""
@@ -55,6 +69,16 @@ class AdmissionTransport(TLSTransport):
         self._directory = directory
         self.refusals: dict[str, str] = {}
         """Why the last outbound handshake to a peer was refused (for the dialer's error)."""
+        self._num_refused_inbound = 0
+        self._num_refused_outbound = 0
+
+    def statistics(self) -> AdmissionStatistics:
+        """Return a snapshot of admitted peers and refused handshakes."""
+        return AdmissionStatistics(
+            num_admitted=len(self._directory),
+            num_refused_inbound=self._num_refused_inbound,
+            num_refused_outbound=self._num_refused_outbound,
+        )
 
     def _extract_public_key_from_cert(self, cert: x509.Certificate) -> Any:
         creds, key_bytes = self._verifier.verify(cert)
@@ -65,9 +89,11 @@ class AdmissionTransport(TLSTransport):
         try:
             return await super().secure_inbound(conn)
         except AdmissionError as exc:
+            self._num_refused_inbound += 1
             logger.warning("refused inbound connection from %s: %s", _remote(conn), exc)
             raise
         except Exception as exc:
+            self._num_refused_inbound += 1
             logger.warning("refused inbound connection from %s: TLS handshake failed: %s", _remote(conn), exc)
             raise AdmissionError(f"TLS handshake failed: {exc}") from exc
 
@@ -75,10 +101,12 @@ class AdmissionTransport(TLSTransport):
         try:
             return await super().secure_outbound(conn, peer_id)
         except AdmissionError as exc:
+            self._num_refused_outbound += 1
             logger.warning("refused connection to %s: %s", peer_id, exc)
             self.refusals[str(peer_id)] = str(exc)
             raise
         except Exception as exc:
+            self._num_refused_outbound += 1
             logger.warning("refused connection to %s: TLS handshake failed: %s", peer_id, exc)
             self.refusals[str(peer_id)] = f"TLS handshake failed: {exc}"
             raise AdmissionError(f"TLS handshake with {peer_id} failed: {exc}") from exc

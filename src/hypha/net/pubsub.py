@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Generic
 
 import trio
@@ -61,6 +62,15 @@ class Received(Generic[M]):
         self.message = message
 
 
+@dataclass(frozen=True, slots=True)
+class GossipStatistics:
+    """Counters of a ``Gossip`` since start."""
+
+    num_dropped: int
+    """Received messages refused by validation: malformed, of another type, or from a role
+    that may not publish on the topic."""
+
+
 class Gossip:
     """Typed publish/subscribe on one host."""
 
@@ -68,7 +78,11 @@ class Gossip:
         self._pubsub = pubsub
         self._directory = directory
         self._bucket = TokenBucket(PUBLISH_RATE_PER_SECOND, PUBLISH_BURST)
-        self.num_dropped = 0
+        self._num_dropped = 0
+
+    def statistics(self) -> GossipStatistics:
+        """Return a snapshot of the counters."""
+        return GossipStatistics(num_dropped=self._num_dropped)
 
     async def publish(self, topic: str, msg: Any) -> None:
         """Publish ``msg`` on ``topic``; waits (never drops) when over the rate limit."""
@@ -88,17 +102,17 @@ class Gossip:
             try:
                 msg = codec.decode_body(raw.data)
             except codec.ProtocolError as exc:
-                self.num_dropped += 1
+                self._num_dropped += 1
                 logger.warning("dropped malformed gossip on %s from %s: %s", topic, forwarder, exc)
                 return False
             if not isinstance(msg, kind):
-                self.num_dropped += 1
+                self._num_dropped += 1
                 logger.warning("dropped %s on %s: expected %s", type(msg).__name__, topic, kind.__name__)
                 return False
             origin = str(ID(raw.from_id))
             role = self._directory.role(origin)
             if roles is not None and role is not None and role not in roles:
-                self.num_dropped += 1
+                self._num_dropped += 1
                 logger.warning("dropped gossip on %s from %s: role %s may not publish", topic, origin, role)
                 return False
             return True

@@ -91,6 +91,17 @@ class Route:
     roles: frozenset[str] | None
 
 
+@dataclass(frozen=True, slots=True)
+class RpcStatistics:
+    """Counters of an ``RpcServer`` since start."""
+
+    num_routes: int
+    """Message types with a registered handler."""
+    num_rejected: int
+    """Requests answered with a refusal before any handler ran: malformed, too slow,
+    unsupported, or from a role the route does not allow."""
+
+
 class RpcServer:
     """Dispatches framed requests to handlers registered per message type."""
 
@@ -98,7 +109,11 @@ class RpcServer:
         self._routes: dict[type[m.Msg], Route] = {}
         self._role_of = role_of
         self._timeout = request_timeout_seconds
-        self.num_rejected = 0
+        self._num_rejected = 0
+
+    def statistics(self) -> RpcStatistics:
+        """Return a snapshot of the routes and the rejected requests."""
+        return RpcStatistics(num_routes=len(self._routes), num_rejected=self._num_rejected)
 
     def register(
         self,
@@ -118,7 +133,7 @@ class RpcServer:
         self._routes[kind] = Route(handler, frozenset(roles) if roles is not None else None)
 
     async def _reject(self, stream: Stream, peer: str, code: str, detail: str) -> None:
-        self.num_rejected += 1
+        self._num_rejected += 1
         logger.warning("rejected request from %s: %s: %s", peer, code, detail)
         with trio.move_on_after(self._timeout):
             with contextlib.suppress(HyphaError):

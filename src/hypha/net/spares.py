@@ -21,9 +21,20 @@ import logging
 import os
 import shutil
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SpareStatistics:
+    """What a ``SpareFiles`` pool holds right now."""
+
+    num_files: int
+    num_bytes: int
+    max_bytes: int
+    """The pool's bound: a file that would take it past this is deleted instead."""
 
 
 class SpareFiles:
@@ -40,10 +51,12 @@ class SpareFiles:
         self._lock = threading.Lock()
         self._names = itertools.count()
 
-    @property
-    def num_bytes(self) -> int:
+    def statistics(self) -> SpareStatistics:
+        """Return a snapshot of the files and bytes kept."""
         with self._lock:
-            return sum(self._sizes.values())
+            return SpareStatistics(
+                num_files=len(self._sizes), num_bytes=sum(self._sizes.values()), max_bytes=self._max
+            )
 
     def give(self, path: Path) -> bool:
         """Keep ``path`` as a spare (moved into the pool) or delete it; True if kept.
