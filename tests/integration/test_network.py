@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from hypha.errors import HyphaError, NetworkError, RemoteError, RequestTimeoutError
+from hypha.net.dialer import DialerStatistics
 from hypha.net.rpc import read_frame
 from hypha.protocol import codec, ids
 from hypha.protocol import messages as m
@@ -99,6 +100,8 @@ async def test_non_listening_node_is_reached_through_relay(pki: Pki) -> None:
             assert health.healthy
             assert health.role == "worker"
             assert health.peer_id == natted.peer_id
+            assert natted.statistics().dialer == DialerStatistics(num_gateways=1, num_reservations=1)
+            assert caller.statistics().dialer == DialerStatistics(num_gateways=1, num_reservations=0)
 
 
 @pytest.mark.parametrize("case", ["other_ca", "revoked", "expired"])
@@ -135,6 +138,9 @@ async def test_untrusted_peers_are_refused_both_ways(pki: Pki, tmp_path, caplog,
             ):
                 await gw.connect(intruder.listen_addrs()[0])
             assert intruder.peer_id not in gw.connected_peers()
+            admission = gw.statistics().admission
+            assert admission.num_refused_inbound >= 1
+            assert admission.num_refused_outbound >= 1
 
 
 async def test_plain_libp2p_node_is_refused(pki: Pki, caplog) -> None:
@@ -174,7 +180,7 @@ async def test_malformed_and_oversized_rpc_rejected_node_keeps_serving(pki: Pki,
                 reply = await read_frame(stream)
             assert isinstance(reply, m.ErrorResponse)
             assert reply.code == "bad_request"
-        assert gw.rpc.statistics().num_rejected == len(cases)
+        assert gw.statistics().rpc.num_rejected == len(cases)
         assert sum("rejected request" in r.getMessage() for r in caplog.records) == len(cases)
         # A stream closed before its first byte is a cancelled request, not a malformed one.
         stream = await client.open_stream(gw.peer_id, ids.API_PROTOCOL)

@@ -1,20 +1,19 @@
 """The py-libp2p host behind every Hypha node, and the only module that builds one.
 
 Owns host construction (TLS admission as the only security, Yamux only, one connection per
-peer), the start order of services (pubsub, gossipsub, DHT, relay) before any dial, dialing
-gateways and peers (directly, or through a gateway's relay circuit), relay reservations,
-and the ``Node`` facade that roles use: RPC, gossip, DHT. Library errors are translated
-into ``hypha.errors`` here. Roles never import libp2p.
+peer), the start order of services (pubsub, gossipsub, DHT, relay) before any dial, and the
+``Node`` facade that roles use: RPC, streams, gossip, DHT, ``statistics()``. Reaching peers
+and gateways (direct dials, DHT lookups, relay circuits and reservations) is ``dialer.py``'s.
+Library errors are translated into ``hypha.errors`` here. Roles never import libp2p.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import multiaddr
 import trio
@@ -26,9 +25,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
-from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
@@ -37,25 +34,18 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
-from hypha.errors import (
-    HyphaError,
-    NetworkError,
-    PeerUnreachableError,
-    RequestTimeoutError,
-    describe,
-    hypha_leaf,
-)
+from hypha.errors import NetworkError, RequestTimeoutError, describe, hypha_leaf
 from hypha.net import pubsub as ps
-from hypha.net.admission import AdmissionTransport, PeerDirectory
+from hypha.net.admission import AdmissionStatistics, AdmissionTransport, PeerDirectory
 from hypha.net.dht import Dht
-from hypha.net.rpc import M, RpcServer, Stream, exchange
+from hypha.net.dialer import Dialer, DialerStatistics
+from hypha.net.rpc import M, RpcServer, RpcStatistics, Stream, exchange
 from hypha.pki.ca import load_private_key
 from hypha.pki.verify import TlsFiles
 from hypha.protocol import ids
 from hypha.protocol import messages as m
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,6 +74,18 @@ def _key_pair(path: Any) -> KeyPair:
     return KeyPair(private, private.get_public_key())
 
 
+@dataclass(frozen=True, slots=True)
+class NodeStatistics:
+    """A running node's state and the counters of its parts."""
+
+    healthy: bool
+    num_connected_peers: int
+    dialer: DialerStatistics
+    admission: AdmissionStatistics
+    rpc: RpcStatistics
+    gossip: ps.GossipStatistics
+
+
 class Node:
     """A running Hypha network node. Create it with ``open_node``."""
 
@@ -103,12 +105,27 @@ class Node:
         self.rpc = RpcServer(directory.role, settings.rpc_timeout_seconds)
         self.dht: Dht
         self.gossip: ps.Gossip
-        self._relay: CircuitV2Transport | None = None
-        self._gateways: list[PeerInfo] = []
-        self._excluded = [ipaddress.ip_network(c, strict=False) for c in settings.exclude_cidr]
+        self._dialer = Dialer(
+            host,
+            security,
+            self._find_addresses,
+            exclude_cidr=settings.exclude_cidr,
+            timeout_seconds=settings.rpc_timeout_seconds,
+        )
         self.healthy = False
 
-    # --- addresses --------------------------------------------------------------------
+    def statistics(self) -> NodeStatistics:
+        """Return a snapshot of the node's health, connections and its parts' counters."""
+        return NodeStatistics(
+            healthy=self.healthy,
+            num_connected_peers=len(self._host.get_network().connections),
+            dialer=self._dialer.statistics(),
+            admission=self._security.statistics(),
+            rpc=self.rpc.statistics(),
+            gossip=self.gossip.statistics(),
+        )
+
+    # --- addresses and connections (``dialer.py``) ------------------------------------
 
     def listen_addrs(self) -> list[str]:
         """Addresses others can dial, each ending in ``/p2p/<peer id>``."""
@@ -116,108 +133,30 @@ class Node:
         out += [f"{a}/p2p/{self.peer_id}" for a in self.settings.external_addresses]
         return out
 
-    def gateway_ids(self) -> list[str]:
-        return [str(info.peer_id) for info in self._gateways]
-
-    def _allowed(self, addr: multiaddr.Multiaddr) -> bool:
-        if not self._excluded:
-            return True
-        for proto in ("ip4", "ip6"):
-            try:
-                value = addr.value_for_protocol(proto)
-            except Exception:  # not present in this address
-                continue
-            if value and any(ipaddress.ip_address(value) in net for net in self._excluded):
-                return False
-        return True
-
-    # --- connections ------------------------------------------------------------------
-
     async def connect(self, addr: str) -> str:
-        """Dial a full multiaddr (``.../p2p/<id>``); return the peer ID."""
-        try:
-            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        except Exception as exc:
-            raise NetworkError(f"invalid peer address {addr!r}: {exc}") from exc
-        try:
-            await self._host.connect(info)
-        except Exception as exc:
-            raise PeerUnreachableError(
-                f"cannot connect to {addr}: {self._why(str(info.peer_id), exc)}"
-            ) from exc
-        return str(info.peer_id)
+        """Dial a full multiaddr (``.../p2p/<id>``); return the peer ID.
 
-    def _why(self, peer_id: str, exc: BaseException) -> str:
-        """A dial failure explained: our refusal of the peer, or the peer's of us."""
-        refusal = self._security.refusals.pop(peer_id, None)
-        if refusal is not None:
-            return f"refused the peer: {refusal}"
-        text = describe(exc)
-        if "Failed to connect after" in text or "upgrade" in text.lower() or "handshake" in text.lower():
-            return (
-                f"{text}; the peer closed the connection during the security handshake "
-                "(it may not trust our certificate: another CA, revoked or expired)"
-            )
-        return text
+        Raises:
+            NetworkError: ``addr`` is not a peer address.
+            PeerUnreachableError: the dial failed; the message says who refused whom.
+        """
+        return await self._dialer.connect(addr)
 
     def remember_addresses(self, peer_id: str, addresses: list[str]) -> None:
         """Record addresses a peer announced (filtered by ``exclude_cidr``) for later dials."""
-        suffix = f"/p2p/{peer_id}"
-        good = []
-        for text in addresses:
-            if "/p2p-circuit" in text:
-                continue
-            try:
-                addr = multiaddr.Multiaddr(text.removesuffix(suffix))
-            except Exception:  # a malformed address from a peer is just ignored
-                continue
-            if self._allowed(addr):
-                good.append(addr)
-        if good:
-            self._host.get_peerstore().add_addrs(ID.from_base58(peer_id), good, 3600)
-
-    def _known_addrs(self, pid: ID) -> list[Any]:
-        if not _known(self._host, pid):
-            return []
-        return [a for a in self._host.get_peerstore().addrs(pid) if self._allowed(a)]
+        self._dialer.remember_addresses(peer_id, addresses)
 
     def is_connected(self, peer_id: str) -> bool:
-        return bool(self._host.get_network().get_connections(ID.from_base58(peer_id)))
+        return self._dialer.is_connected(peer_id)
 
     async def ensure_connected(self, peer_id: str) -> None:
         """Connect to ``peer_id`` directly if any known address allows, else via a relay."""
-        pid = ID.from_base58(peer_id)
-        if self.is_connected(peer_id):
-            return
-        addrs = self._known_addrs(pid)
-        if not addrs:
-            # Gateways learn every peer's addresses when it connects: ask the DHT.
-            with trio.move_on_after(self.settings.rpc_timeout_seconds / 2):
-                try:
-                    self.remember_addresses(peer_id, await self.dht.find_peer_addresses(peer_id))
-                except HyphaError as exc:
-                    logger.debug("DHT lookup of %s failed: %s", peer_id, exc)
-            addrs = self._known_addrs(pid)
-        if addrs:
-            try:
-                await self._host.connect(PeerInfo(pid, addrs))
-                return
-            except Exception as exc:
-                logger.debug("direct dial of %s failed: %s", peer_id, describe(exc))
-        errors = []
-        for gateway in self._gateways:
-            if str(gateway.peer_id) == peer_id:
-                continue
-            circuit = multiaddr.Multiaddr(
-                f"{gateway.addrs[0]}/p2p/{gateway.peer_id}/p2p-circuit/p2p/{peer_id}"
-            )
-            try:
-                assert self._relay is not None
-                await self._relay.dial(circuit)
-                return
-            except Exception as exc:
-                errors.append(f"via {gateway.peer_id}: {describe(exc)}")
-        raise PeerUnreachableError(f"cannot reach {peer_id}: " + ("; ".join(errors) or "no known address"))
+        await self._dialer.ensure_connected(peer_id)
+
+    async def _find_addresses(self, peer_id: str) -> list[str]:
+        return await self.dht.find_peer_addresses(peer_id)
+
+    # --- streams ----------------------------------------------------------------------
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         """Open a stream to ``peer_id`` for ``protocol``, connecting first if needed."""
@@ -287,13 +226,6 @@ class Node:
         return m.HealthResponse(healthy=self.healthy, role=self.role, peer_id=self.peer_id)
 
 
-def _known(host: Any, pid: ID) -> bool:
-    try:
-        return pid in host.get_peerstore().peer_ids()
-    except Exception:
-        return False
-
-
 @asynccontextmanager
 async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
     """Start a node: host, services, listeners, gateway dials, relay reservation.
@@ -343,7 +275,7 @@ async def _serve_node(node: Node, host: Any) -> AsyncIterator[Node]:
         await stack.enter_async_context(background_trio_service(dht))
         await _start_relay(node, host, stack)
         nursery = await stack.enter_async_context(trio.open_nursery())
-        await _join_gateways(node, host, nursery)
+        await node._dialer.join_gateways(settings.gateway_addresses, nursery, reserve=settings.relay_circuit)
         node.healthy = True
         logger.info("node %s (%s) up at %s", node.peer_id, node.role, node.listen_addrs())
         yield node
@@ -366,38 +298,4 @@ async def _start_relay(node: Node, host: Any, stack: AsyncExitStack) -> None:
         protocol = CircuitV2Protocol(host, limits, allow_hop=False)
         roles = RelayRole.STOP
     await stack.enter_async_context(background_trio_service(protocol))
-    node._relay = CircuitV2Transport(host, protocol, RelayConfig(roles=roles, limits=limits))
-
-
-async def _join_gateways(node: Node, host: Any, nursery: trio.Nursery) -> None:
-    addrs = node.settings.gateway_addresses
-    if not addrs:
-        return
-    errors: list[str] = []
-    for addr in addrs:
-        try:
-            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        except Exception as exc:
-            errors.append(f"{addr}: not a multiaddr with /p2p/<peer id>: {exc}")
-            continue
-        try:
-            with trio.fail_after(node.settings.rpc_timeout_seconds):
-                await host.connect(info)
-        except Exception as exc:
-            errors.append(f"{addr}: {describe(exc)}")
-            logger.warning("gateway %s unreachable: %s", addr, describe(exc))
-            continue
-        node._gateways.append(info)
-        if node.settings.relay_circuit and node._relay is not None:
-            try:
-                with trio.fail_after(node.settings.rpc_timeout_seconds):
-                    stream = await host.new_stream(info.peer_id, [HOP_PROTOCOL])
-                    ok = await node._relay.reserve(stream, info.peer_id, nursery)
-                if not ok:
-                    logger.warning("relay reservation on %s refused", info.peer_id)
-            except Exception as exc:
-                logger.warning("relay reservation on %s failed: %s", info.peer_id, describe(exc))
-    if not node._gateways:
-        raise NetworkError("no gateway reachable: " + "; ".join(errors))
-    # No routing-table refresh here: the gateways answer DHT queries (server mode), and a
-    # refresh makes every node dial dozens of others at start, quadratic in network size.
+    node._dialer.relay = CircuitV2Transport(host, protocol, RelayConfig(roles=roles, limits=limits))
