@@ -134,7 +134,7 @@ def test_binary_files_skipped_with_warning(tmp_path: Path, caplog: pytest.LogCap
     (source / "a.bin").write_bytes(b"\x00\x01\x02" * 50)
     (source / "b.dat").write_bytes(b"\xff\xfe\xfa" * 50)
     (source / "c.txt").write_text("x" * 40)
-    with caplog.at_level(logging.WARNING, logger="hypha.data.prepare"):
+    with caplog.at_level(logging.WARNING, logger="hypha.data.text"):
         manifest = prepare_dataset(source, "toy", tmp_path / "out", seq_len=8)
     assert manifest.num_samples == 41 // 8
     assert "1 files" in manifest.source
