@@ -283,10 +283,10 @@ async def hold_leases(pki: Pki, gateway: str, num_workers: int, name: str, trace
                     keepers.start_soon(allocator.keep, grant)
                 with trio.move_on_after(MEMORY_LEASE_SECONDS * 3):
                     await wait_until(
-                        lambda: allocator.stats.num_renewals + allocator.stats.num_lost >= len(grants)
+                        lambda: allocator.statistics().num_renewals + allocator.statistics().num_lost >= len(grants)
                     )
                 holding = measure()
-                num_held = len(grants) - allocator.stats.num_lost
+                num_held = len(grants) - allocator.statistics().num_lost
                 keepers.cancel_scope.cancel()
             await release_all(allocator, grants)
             after = measure()

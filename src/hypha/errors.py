@@ -184,4 +184,3 @@ def wire_code(exc: BaseException) -> str:
     """The stable code an RPC handler's failure carries to the peer."""
     code: str = getattr(exc, "wire_code", codes.INTERNAL)
     return code
-

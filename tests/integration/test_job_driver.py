@@ -1,15 +1,15 @@
 """The scheduler's job driver answering trainers and the parameter server over real nodes.
 
 A ``JobDriver`` runs on a scheduler node; a trainer and a parameter server are plain worker
-nodes that send it the messages their executors' workers would. The trainer pool is a
-stand-in (nothing is leased or dispatched here): what is under test is what the driver does
-with a slice a trainer gives back and with progress that runs a round ahead.
+nodes that send it the messages their executors' workers would. The pools lease nothing
+(a ``FakeLeaser`` with no workers) and the tasks are entered in the job's state directly:
+what is under test is what the driver does with a slice a trainer gives back and with
+progress that runs a round ahead.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import trio
@@ -18,10 +18,14 @@ from hypha.data.manifest import load_manifest
 from hypha.data.prepare import prepare_dataset
 from hypha.errors import RemoteError
 from hypha.protocol import messages as m
-from hypha.scheduler.job import JobDriver, Member
-from hypha.scheduler.node import SchedulerParts
+from hypha.scheduler.job import JobContext, JobDriver
+from hypha.scheduler.node import pool_spec
+from hypha.scheduler.pool import Pool
+from hypha.scheduler.results import JobRecorder
 from hypha.scheduler.slices import SliceState
+from hypha.scheduler.state import DatasetRef, JobState, TaskRecord
 from hypha.testing.cluster import Pki, open_test_node
+from hypha.testing.fakes import FakeLeaser
 from hypha.testing.network import training_job
 
 
@@ -47,23 +51,26 @@ async def test_driver_takes_back_returned_slices_and_counts_early_progress(pki: 
         open_test_node(pki, "trainer", "worker") as trainer,
         open_test_node(pki, "ps", "worker") as ps,
     ):
-        pool = SimpleNamespace(workers=lambda: [trainer.peer_id, "other-trainer"])
-        parts = SchedulerParts(
+        leaser = FakeLeaser([])
+        ctx = JobContext(
             node=sched,
-            allocator=None,  # type: ignore[arg-type]
-            trainers=pool,  # type: ignore[arg-type]
-            parameter_server=None,  # type: ignore[arg-type]
-            events=None,  # type: ignore[arg-type]
-            statuses=None,  # type: ignore[arg-type]
+            trainers=Pool(pool_spec("trainers", job.trainers, "train"), leaser),
+            parameter_server=Pool(pool_spec("parameter_server", job.parameter_server, "aggregate"), leaser),
         )
-        driver = JobDriver(parts, job, ["data-node"], load_manifest(tmp_path / "ds"))
+        loaded = load_manifest(tmp_path / "ds")
+        state = JobState.create(job)
+        n = loaded.num_slices
+        state.set_dataset(DatasetRef("jack", n, "00" * 32, ("data-node",), eval_index=n - 1))
+        recorder = JobRecorder(job.out, job, state.job_id)
+        await recorder.start()
+        driver = JobDriver(ctx, state, loaded, recorder)
 
         async def plan_ack(peer: str, plan: m.RoundPlan) -> m.Ack:
             return m.Ack()
 
         ps.rpc.register(m.RoundPlan, plan_ack, roles={"scheduler"})
-        driver.ps = Member(worker=ps.peer_id, task_id="ps-task", lease_id="ps-lease")
-        driver.trainers[trainer.peer_id] = Member(worker=trainer.peer_id, task_id="t", lease_id="l")
+        state.task_dispatched(TaskRecord("parameter_server", ps.peer_id, "ps-task", "ps-lease"))
+        state.task_dispatched(TaskRecord("trainer", trainer.peer_id, "t", "l"))
         driver.tracker.set_workers([trainer.peer_id, "other-trainer"])
         driver.planner.start_round(0, job.samples_per_round, [(trainer.peer_id, job.batch_size)], 0.0)
         for node in (trainer, ps):
@@ -102,7 +109,8 @@ async def test_driver_takes_back_returned_slices_and_counts_early_progress(pki: 
             assert driver.planner.statistics().samples_done == 0  # not round 0's samples
             closed = m.RoundClosed(job_id=driver.job_id, round=0, num_updates=1, samples=1000)
             await ps.request(sched.peer_id, closed, m.Ack)
-        assert driver.round == 1
+        assert state.round == 1
+        assert state.finished_rounds == 1
         stats = driver.planner.statistics()
         assert stats.round == 1
         assert stats.samples_done == 24  # the early batches count for round 1

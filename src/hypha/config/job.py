@@ -7,12 +7,13 @@ configs (unknown keys and wrong types are errors naming the key and file).
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from hypha.config.load import _build
+from hypha.config.load import _build, _toml_key
 from hypha.config.schema import doc
 from hypha.errors import ConfigError
 
@@ -142,4 +143,38 @@ def load_job(path: Path) -> JobSpec:
     spec = _build(JobSpec, raw, "", problems, path.resolve().parent)
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in {path}", [f"{path}: {p}" for p in problems])
+    return spec
+
+
+def job_to_dict(spec: JobSpec) -> dict[str, Any]:
+    """The spec as the TOML-shaped table ``load_job`` reads (paths as strings, unset keys left out)."""
+    return _table(spec)
+
+
+def _table(section: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(value):
+            value = _table(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, dict):
+            value = dict(value)
+        doc[_toml_key(f.name)] = value
+    return doc
+
+
+def job_from_dict(doc: dict[str, Any], origin: str = "saved job") -> JobSpec:
+    """Rebuild a spec from ``job_to_dict``'s table, with the same checks as ``load_job``.
+
+    Raises:
+        ConfigError: The table does not describe a valid job (every problem listed).
+    """
+    problems: list[str] = []
+    spec = _build(JobSpec, doc, "", problems, None)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in {origin}", [f"{origin}: {p}" for p in problems])
     return spec

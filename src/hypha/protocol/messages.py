@@ -311,12 +311,6 @@ class NoSlice(Msg, frozen=True, kw_only=True):
     reason: str
 
 
-class SliceUsed(Msg, frozen=True, kw_only=True):
-    job_id: str
-    dataset: str
-    index: int
-
-
 class SliceReturned(Msg, frozen=True, kw_only=True):
     """A worker gives back an assigned slice it could not fetch; it becomes AVAILABLE again.
 
@@ -408,7 +402,6 @@ Message = (
     | NextSliceRequest
     | SliceAssign
     | NoSlice
-    | SliceUsed
     | SliceReturned
     | TensorOffer
     | TensorPushRequest

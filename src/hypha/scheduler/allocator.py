@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from hypha.errors import HyphaError
-from hypha.net.host import Node
+from hypha.net.iface import Network
 from hypha.protocol import ids
 from hypha.protocol import messages as m
 from hypha.resources import Resources, ResourceWeights, price_per_unit
@@ -73,8 +74,10 @@ class _Collector:
     last_arrival: float = 0.0
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class AllocatorStatistics:
+    """Snapshot of the allocator's counters for telemetry."""
+
     num_requests: int = 0
     num_offers: int = 0
     num_accepted: int = 0
@@ -88,7 +91,7 @@ class Allocator:
 
     def __init__(
         self,
-        node: Node,
+        node: Network,
         *,
         lease_seconds: float,
         offer_deadline_seconds: float,
@@ -103,7 +106,7 @@ class Allocator:
         self._republish = republish_seconds
         self._weights = weights or ResourceWeights()
         self._collectors: dict[str, _Collector] = {}
-        self.stats = AllocatorStatistics()
+        self._counts: dict[str, int] = dict.fromkeys(AllocatorStatistics.__slots__, 0)
         node.rpc.register(m.OfferRequest, self._on_offer, roles={"worker"})
 
     def set_policy(
@@ -122,7 +125,7 @@ class Allocator:
         pending = _Pending(offer, peer)
         collector.offers.append(pending)
         collector.last_arrival = trio.current_time()
-        self.stats.num_offers += 1
+        self._counts["num_offers"] += 1
         collector.changed.set()
         collector.changed = trio.Event()
         # Answer before the worker's reservation lapses, whatever happens here.
@@ -169,7 +172,7 @@ class Allocator:
         )
         collector = _Collector(request)
         self._collectors[request.id] = collector
-        self.stats.num_requests += 1
+        self._counts["num_requests"] += 1
         deadline = trio.current_time() + self._deadline
         try:
             async with trio.open_nursery() as nursery:
@@ -233,7 +236,7 @@ class Allocator:
         for pending in collector.offers:
             pending.accepted = id(pending) in chosen
             if pending.accepted:
-                self.stats.num_accepted += 1
+                self._counts["num_accepted"] += 1
                 grants.append(
                     Grant(
                         lease_id=pending.offer.lease_id,
@@ -245,7 +248,7 @@ class Allocator:
                     )
                 )
             else:
-                self.stats.num_rejected += 1
+                self._counts["num_rejected"] += 1
             pending.decided.set()
         grants.sort(key=lambda g: [p.peer for p in ranked].index(g.worker))
         logger.info(
@@ -256,9 +259,13 @@ class Allocator:
         )
         return grants
 
-    async def keep(self, grant: Grant) -> str:
+    def statistics(self) -> AllocatorStatistics:
+        return AllocatorStatistics(**self._counts)
+
+    async def keep(self, grant: Grant, on_renewed: Callable[[Grant], None] | None = None) -> str:
         """Renew ``grant`` at 75% of its lifetime until it is lost; return why.
 
+        Each renewal moves ``grant.expires_at`` and then calls ``on_renewed(grant)``.
         Returns when the worker answers ``LeaseGone`` or no renewal succeeds before the lease
         lapses. Cancel the caller's scope to stop renewing (then call ``release``).
         """
@@ -271,20 +278,22 @@ class Allocator:
                             grant.worker, m.RenewLeaseRequest(lease_id=grant.lease_id), m.Msg
                         )
                 except trio.TooSlowError:
-                    self.stats.num_lost += 1
+                    self._counts["num_lost"] += 1
                     return "renewal not answered before the lease lapsed"
                 except HyphaError as exc:
                     if trio.current_time() >= grant.expires_at:
-                        self.stats.num_lost += 1
+                        self._counts["num_lost"] += 1
                         return f"renewal failed: {exc}"
                     await trio.sleep(min(0.1, grant.lease_seconds / 20))
                     continue
                 break
             if isinstance(reply, m.LeaseRenewed):
-                self.stats.num_renewals += 1
+                self._counts["num_renewals"] += 1
                 grant.expires_at = trio.current_time() + reply.lease_seconds
+                if on_renewed is not None:
+                    on_renewed(grant)
                 continue
-            self.stats.num_lost += 1
+            self._counts["num_lost"] += 1
             reason = reply.reason if isinstance(reply, m.LeaseGone) else f"unexpected {type(reply).__name__}"
             return f"lease gone: {reason}"
 

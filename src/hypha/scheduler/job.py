@@ -1,199 +1,135 @@
 """The job driver: one DiLoCo training job from first dispatch to the final model.
 
-Owns the job's state machine: finding the dataset, dispatching the parameter server and the
-trainers (and replacements as pools change), answering trainers' progress with the sync
-planner's instructions, assigning slices, telling the parameter server which updates each
-round expects, advancing rounds when it reports them closed, and collecting the results
-(final model, metrics, report). Allocation and leases are ``pool.py``'s and
-``allocator.py``'s; the maths lives on the parameter server and the trainers.
+Owns the job's lifecycle and its RPC handlers: dispatching the parameter server and the
+trainers on the pools' leases (and replacements as the pools change), answering trainers'
+progress with the sync planner's instructions, assigning slices, telling the parameter
+server which updates each round expects, advancing rounds when it reports them closed,
+following task statuses, and receiving the final model. Every fact about the job lives in
+its ``JobState`` (``state.py``), changed only through its methods; documents are built by
+``documents.py``, outputs written by ``results.py``, leases kept by ``pool.py``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
 from hypha.config.job import JobSpec
+from hypha.data.manifest import Manifest
 from hypha.errors import DataError, HyphaError, JobError
 from hypha.net.bulk import BulkService
-from hypha.protocol import codec, ids
+from hypha.net.host import Node
+from hypha.protocol import codec, codes
 from hypha.protocol import messages as m
-from hypha.protocol.tasks import AggregateTask, InnerDoc, ModelDoc, OuterDoc, TrainTask
+from hypha.scheduler import documents
+from hypha.scheduler.dataset import discover_dataset
+from hypha.scheduler.pool import Pool
 from hypha.scheduler.results import JobRecorder
 from hypha.scheduler.slices import SliceState, SliceTracker
+from hypha.scheduler.state import JobState, LeaseRecord, PoolName, TaskRecord, TaskRole
 from hypha.scheduler.sync import SyncPlanner
-
-if TYPE_CHECKING:
-    from hypha.data.manifest import Manifest
-    from hypha.scheduler.node import SchedulerParts
 
 logger = logging.getLogger(__name__)
 
+DATASET_WAIT_SECONDS = 60.0
+FINAL_MODEL_WAIT_SECONDS = 60.0
+TRAINERS_FINISH_WAIT_SECONDS = 30.0
+
 
 @dataclass
-class Member:
-    worker: str
-    task_id: str
-    lease_id: str
-    reported: bool = False
+class JobContext:
+    """What a job runs on: the scheduler's node and its two pools."""
 
-
-async def discover_dataset(
-    parts: SchedulerParts, name: str, timeout_seconds: float
-) -> tuple[list[str], Manifest]:
-    """Find the providers and manifest of ``name`` in the DHT (retrying until the timeout)."""
-    from hypha.data.manifest import Manifest, manifest_sha256
-
-    node = parts.node
-    key = ids.dataset_key(name)
-    last = "no record"
-    with trio.move_on_after(timeout_seconds):
-        while True:
-            try:
-                record = await node.dht.get(key, m.DatasetRecord)
-                providers = await node.dht.find_providers(key) if record else []
-                for provider in providers:
-                    try:
-                        reply = await node.request(
-                            provider, m.ManifestRequest(dataset=name), m.ManifestResponse
-                        )
-                    except HyphaError as exc:
-                        last = str(exc)
-                        continue
-                    assert record is not None
-                    if manifest_sha256(reply.manifest) != record.manifest_sha256:
-                        last = f"{provider} serves a manifest that does not match the DHT record"
-                        continue
-                    return providers, Manifest.from_json(reply.manifest)
-                last = "record found but no provider answered" if record else "no record"
-            except HyphaError as exc:
-                last = str(exc)
-            await trio.sleep(0.5)
-    raise DataError(f"dataset {name!r} not found in the network within {timeout_seconds:g} s ({last})")
+    node: Node
+    trainers: Pool
+    parameter_server: Pool
 
 
 class JobDriver:
-    """The state of one running job."""
+    """Runs one job; see the module docstring.
 
-    def __init__(self, parts: SchedulerParts, job: JobSpec, providers: list[str], manifest: Manifest) -> None:
-        self.parts = parts
-        self.job = job
-        self.job_id = f"{job.name}-{uuid.uuid4().hex[:8]}"
-        self.providers = providers
+    Args:
+        ctx: The node and pools.
+        state: The job's state; its dataset must be set.
+        manifest: The dataset's manifest (slice hashes), matching ``state.dataset``.
+        recorder: Where the job's outputs go (already started).
+    """
+
+    def __init__(self, ctx: JobContext, state: JobState, manifest: Manifest, recorder: JobRecorder) -> None:
+        assert state.dataset is not None
+        assert state.slices is not None
+        self.ctx = ctx
+        self.state = state
         self.manifest = manifest
-        held_out = manifest.num_slices >= 2
-        self.eval_index = manifest.num_slices - 1 if held_out else None
-        self.tracker = SliceTracker(manifest.num_slices - 1 if held_out else manifest.num_slices)
-        self.planner = SyncPlanner(horizon_seconds=job.sync_horizon_seconds)
-        self.recorder = JobRecorder(job.out, job, self.job_id)
-        self.trainers: dict[str, Member] = {}
-        self.ps: Member | None = None
-        self.round = 0
-        self.finished_rounds = 0
-        self.done = False
-        self.model_received = trio.Event()
-        self.bulk = BulkService(parts.node)
-        node = parts.node
+        self.recorder = recorder
+        self.planner = SyncPlanner(horizon_seconds=state.spec.sync_horizon_seconds)
+        self.bulk = BulkService(ctx.node)
+        self._error: JobError | None = None
+        self._model_received = trio.Event()
+        self._adding: set[str] = set()
+        self._trainer_finished = trio.Event()
+        node = ctx.node
         node.rpc.register(m.ProgressRequest, self._progress, roles={"worker"})
         node.rpc.register(m.NextSliceRequest, self._next_slice, roles={"worker"})
-        node.rpc.register(m.SliceUsed, self._slice_used, roles={"worker"})
         node.rpc.register(m.SliceReturned, self._slice_returned, roles={"worker"})
         node.rpc.register(m.RoundClosed, self._round_closed, roles={"worker"})
         node.rpc.register(m.TensorPushRequest, self._final_model, roles={"worker"})
-        self._round_closed_event = trio.Event()
-        self._adding: set[str] = set()
-        self._trainer_finished = trio.Event()
+        node.rpc.register(m.TaskStatus, self._task_status, roles={"worker"})
 
-    # --- documents ------------------------------------------------------------------------
+    @property
+    def job_id(self) -> str:
+        return self.state.job_id
 
-    def _model_doc(self) -> ModelDoc:
-        spec = self.job.model
-        return ModelDoc(
-            kind=spec.kind,
-            name=spec.name,
-            path=str(spec.path) if spec.path else None,
-            options=dict(spec.options),
-        )
+    @property
+    def tracker(self) -> SliceTracker:
+        assert self.state.slices is not None
+        return self.state.slices
 
-    def _train_doc(self) -> TrainTask:
-        job = self.job
-        per_trainer = job.samples_per_round // (job.batch_size * max(1, job.trainers.target))
-        total_steps = max(1, job.rounds * (job.fixed_inner_steps or per_trainer))
-        inner = job.inner
-        assert self.ps is not None
-        return TrainTask(
-            job_id=self.job_id,
-            model=self._model_doc(),
-            dataset=job.dataset,
-            batch_size=job.batch_size,
-            seed=job.seed,
-            inner=InnerDoc(
-                lr=inner.lr,
-                beta1=inner.beta1,
-                beta2=inner.beta2,
-                weight_decay=inner.weight_decay,
-                warmup_steps=inner.warmup_steps,
-                schedule=inner.schedule,
-                total_steps=total_steps,
-            ),
-            encoding=job.encoding,
-            report_every_seconds=job.report_every_seconds,
-            parameter_server=self.ps.worker,
-            batches_per_round=job.fixed_inner_steps,
-        )
-
-    def _aggregate_doc(self) -> AggregateTask:
-        job = self.job
-        eval_sha = self.manifest.slices[self.eval_index].sha256 if self.eval_index is not None else ""
-        return AggregateTask(
-            job_id=self.job_id,
-            model=self._model_doc(),
-            seed=job.seed,
-            outer=OuterDoc(lr=job.outer.lr, momentum=job.outer.momentum),
-            rounds=job.rounds,
-            encoding=job.encoding,
-            scheduler=self.parts.node.peer_id,
-            min_updates=job.trainers.min,
-            round_deadline_seconds=job.round_deadline_seconds,
-            dataset=job.dataset,
-            eval_batches=job.eval_batches,
-            batch_size=job.batch_size,
-            eval_index=self.eval_index,
-            eval_sha256=eval_sha,
-            providers=list(self.providers),
-        )
+    def _fail(self, error: JobError) -> None:
+        """Fail the job (the first failure wins); ``run`` raises it."""
+        if self._error is None:
+            self._error = error
+            self.state.fail(str(error))
 
     # --- dispatch ---------------------------------------------------------------------------
 
-    async def _dispatch(self, worker: str, executor: m.ExecutorDescriptor, config: bytes) -> Member:
-        pool = self.parts.parameter_server if executor.executor_class == "aggregate" else self.parts.trainers
-        grant = pool.members.get(worker)
+    def _pool(self, executor_class: m.ExecutorClass) -> Pool:
+        return self.ctx.parameter_server if executor_class == "aggregate" else self.ctx.trainers
+
+    async def _dispatch(self, worker: str, executor: m.ExecutorDescriptor, config: bytes) -> TaskRecord:
+        grant = self._pool(executor.executor_class).members.get(worker)
         if grant is None:
             raise JobError(f"{worker} is no longer leased")
         task_id = uuid.uuid4().hex
         request = m.DispatchTask(
             lease_id=grant.lease_id, task_id=task_id, job_id=self.job_id, executor=executor, config=config
         )
-        reply = await self.parts.node.request(worker, request, m.Msg)
+        reply = await self.ctx.node.request(worker, request, m.Msg)
         if isinstance(reply, m.Refused):
             raise JobError(f"{executor.executor_class} executor on {worker} cannot start: {reply.reason}")
         codec.expect(reply, m.Dispatched)
-        return Member(worker=worker, task_id=task_id, lease_id=grant.lease_id)
+        role: TaskRole = "parameter_server" if executor.executor_class == "aggregate" else "trainer"
+        return TaskRecord(role=role, worker=worker, task_id=task_id, lease_id=grant.lease_id)
 
     async def start_parameter_server(self) -> None:
-        with trio.fail_after(self.job.parameter_server.grace_seconds + 60):
-            await self.parts.parameter_server.wait_size(1)
-        worker = self.parts.parameter_server.workers()[0]
-        descriptor = m.ExecutorDescriptor(executor_class="aggregate", name=self.job.parameter_server.executor)
-        self.ps = await self._dispatch(worker, descriptor, codec.encode_json(self._aggregate_doc()))
+        spec = self.state.spec
+        with trio.fail_after(spec.parameter_server.grace_seconds + 60):
+            await self.ctx.parameter_server.wait_size(1)
+        worker = self.ctx.parameter_server.workers()[0]
+        assert self.state.dataset is not None
+        doc = documents.aggregate_task(
+            spec, self.job_id, self.ctx.node.peer_id, self.state.dataset, self.manifest
+        )
+        descriptor = m.ExecutorDescriptor(executor_class="aggregate", name=spec.parameter_server.executor)
+        self.state.task_dispatched(await self._dispatch(worker, descriptor, codec.encode_json(doc)))
         logger.info("parameter server on %s", worker)
 
     async def add_trainer(self, worker: str) -> None:
-        if worker in self.trainers or worker in self._adding or self.done:
+        if worker in self.state.trainers or worker in self._adding or self.state.done:
             return
         self._adding.add(worker)
         try:
@@ -204,133 +140,216 @@ class JobDriver:
     def _restripe(self) -> None:
         """Stripe fresh slices over every leased trainer, dispatched or not."""
         # The pool leases its trainers together, so the first to ask already sees its peers.
-        self.tracker.set_workers(set(self.parts.trainers.workers()) | self.trainers.keys())
+        self.tracker.set_workers(set(self.ctx.trainers.workers()) | self.state.trainers.keys())
 
     async def _add_trainer(self, worker: str) -> None:
         self._restripe()
-        descriptor = m.ExecutorDescriptor(executor_class="train", name=self.job.trainers.executor)
+        spec = self.state.spec
+        assert self.state.parameter_server is not None
+        doc = documents.train_task(spec, self.job_id, self.state.parameter_server.worker)
+        descriptor = m.ExecutorDescriptor(executor_class="train", name=spec.trainers.executor)
         try:
-            member = await self._dispatch(worker, descriptor, codec.encode_json(self._train_doc()))
+            task = await self._dispatch(worker, descriptor, codec.encode_json(doc))
         except JobError:
             raise
         except HyphaError as exc:
-            self.parts.trainers.lose(worker, f"dispatch failed: {exc}")
+            self.ctx.trainers.lose(worker, f"dispatch failed: {exc}")
             return
-        self.trainers[worker] = member
-        self.planner.add_trainer(worker, self.job.batch_size, trio.current_time())
+        self.state.task_dispatched(task)
+        self.planner.add_trainer(worker, spec.batch_size, trio.current_time())
         await self._send_plan()
-        logger.info("trainer on %s (%d trainers)", worker, len(self.trainers))
+        logger.info("trainer on %s (%d trainers)", worker, len(self.state.trainers))
 
-    def lose_trainer(self, worker: str, reason: str) -> None:
-        member = self.trainers.pop(worker, None)
-        if member is None:
+    async def lose_trainer(self, worker: str, reason: str) -> None:
+        if worker not in self.state.trainers:
             return
         self.planner.remove_trainer(worker, trio.current_time())
-        released = self.tracker.release_worker(worker)
+        released = self.state.trainer_lost(worker)
         self._restripe()
         logger.warning("trainer %s lost (%s); slices %s back to AVAILABLE", worker, reason, released)
-        self.recorder.event(worker, "lost", self.round)
+        await self.recorder.event(worker, "lost", self.state.round, reason=reason)
 
     async def _send_plan(self) -> None:
-        if self.ps is None:
+        ps = self.state.parameter_server
+        if ps is None:
             return
         plan = m.RoundPlan(
             job_id=self.job_id,
-            round=self.round,
-            trainers=sorted(self.trainers),
-            min_updates=self.job.trainers.min,
+            round=self.state.round,
+            trainers=sorted(self.state.trainers),
+            min_updates=self.state.spec.trainers.min,
         )
         try:
-            await self.parts.node.request(self.ps.worker, plan, m.Ack)
+            await self.ctx.node.request(ps.worker, plan, m.Ack)
         except HyphaError as exc:
             logger.warning("round plan not delivered to the parameter server: %s", exc)
 
+    # --- following the pools ----------------------------------------------------------------
+
+    def _sync_leases(self) -> None:
+        """Copy both pools' leases into the state, expiries in wall-clock time."""
+        now, wall = trio.current_time(), time.time()
+        held: dict[str, LeaseRecord] = {}
+        pools: tuple[tuple[PoolName, Pool], ...] = (
+            ("trainers", self.ctx.trainers),
+            ("parameter_server", self.ctx.parameter_server),
+        )
+        for name, pool in pools:
+            for grant in pool.members.values():
+                record = LeaseRecord(name, grant.worker, grant.lease_id, wall + grant.expires_at - now)
+                held[grant.lease_id] = record
+        for lease_id in set(self.state.leases) - set(held):
+            self.state.lease_ended(lease_id)
+        for lease_id, record in held.items():
+            if self.state.leases.get(lease_id) != record:
+                self.state.lease_held(record)
+
+    async def _reconcile(self) -> None:
+        """Make the job's tasks agree with the pools' members (level-triggered: no event is missed)."""
+        self._sync_leases()
+        ps_pool, trainers = self.ctx.parameter_server, self.ctx.trainers
+        ps = self.state.parameter_server
+        if ps is not None and not self.state.done:
+            grant = ps_pool.members.get(ps.worker)
+            if grant is None or grant.lease_id != ps.lease_id:
+                reason = ps_pool.loss_reason(ps.lease_id) or "its lease ended"
+                self._fail(JobError(f"parameter server {ps.worker} lost: {reason}"))
+                return
+        for worker, task in list(self.state.trainers.items()):
+            grant = trainers.members.get(worker)
+            if grant is None or grant.lease_id != task.lease_id:
+                await self.lose_trainer(worker, trainers.loss_reason(task.lease_id) or "its lease ended")
+                await self._send_plan()
+        for worker in list(trainers.members):
+            if worker not in self.state.trainers:
+                await self.add_trainer(worker)
+
+    async def _follow_pools(self) -> None:
+        seen = (-1, -1)
+        while self._error is None:
+            current = (self.ctx.trainers.version, self.ctx.parameter_server.version)
+            if current == seen:
+                async with trio.open_nursery() as waiters:
+                    for pool, version in ((self.ctx.trainers, seen[0]), (self.ctx.parameter_server, seen[1])):
+                        waiters.start_soon(_wait_then_cancel, pool, version, waiters.cancel_scope)
+                continue
+            seen = current
+            await self._reconcile()
+
     # --- handlers ---------------------------------------------------------------------------
+
+    async def _task_status(self, peer: str, status: m.TaskStatus) -> m.Ack:
+        ps = self.state.parameter_server
+        if ps is not None and status.task_id == ps.task_id and peer == ps.worker:
+            if status.state == "failed" and not self.state.done:
+                self._fail(JobError(f"parameter server failed: {status.detail or status.exit_code}"))
+            return m.Ack()
+        task = self.state.trainers.get(peer)
+        if task is None or task.task_id != status.task_id:
+            return m.Ack()
+        if status.state == "failed":
+            detail = status.detail.strip().splitlines()[-1] if status.detail.strip() else ""
+            never_started = status.exit_code is None and not task.reported
+            if status.code == codes.EXECUTOR_START or never_started:
+                self._fail(JobError(f"trainer executor on {peer} cannot start: {detail}"))
+            else:
+                self.ctx.trainers.lose(peer, f"task failed with exit code {status.exit_code}: {detail}")
+        elif status.state == "running":
+            self.state.task_reported(task)
+        elif status.state == "finished":
+            await self.recorder.event(peer, "finished", self.state.round)
+            self._trainer_finished.set()
+        return m.Ack()
 
     async def _progress(self, peer: str, request: m.ProgressRequest) -> m.Msg:
         if request.job_id != self.job_id:
             raise JobError(f"unknown job {request.job_id}")
-        event = request.event
+        state, event = self.state, request.event
         if isinstance(event, m.Metrics):
-            self.recorder.metrics(peer, event.round, event.values)
-            return m.Done() if self.done else m.Continue()
-        if self.done:
+            await self.recorder.metrics(peer, event.round, event.values)
+            return m.Done() if state.done else m.Continue()
+        if state.done:
             if isinstance(event, m.UpdateApplied):
-                self.recorder.event(peer, "update_applied", event.round)
+                await self.recorder.event(peer, "update_applied", event.round)
             return m.Done()
-        now = trio.current_time()
         if isinstance(event, m.BatchesDone):
-            for index in event.slices_done:
-                self._mark_used(peer, index)
-            if event.batches == 0:
-                return m.Continue()
-            self.recorder.batches(peer, event, now)
-            # Fixed-H trainers sync on their own after ``batches_per_round``.
-            fixed = self.job.fixed_inner_steps is not None
-            if fixed or peer not in self.trainers:
-                return m.Continue()
-            if event.round == self.round + 1:  # it got round r's weights before we heard of them
-                self.planner.record_ahead(peer, event.round, event.batches, event.samples, event.seconds)
-                return m.Continue()
-            if event.round != self.round:
-                return m.Continue()
-            batches = self.planner.on_batches(peer, event.batches, event.samples, event.seconds, now)
-            if batches is not None:
-                self.recorder.event(peer, "sync_planned", self.round, batches=batches)
-                return m.SyncAfter(round=self.round, batches=batches)
-            return m.Continue()
+            return await self._batches(peer, event)
         if isinstance(event, m.UpdateSent):
-            self.recorder.event(peer, "update_sent", event.round, samples=event.samples)
+            await self.recorder.event(peer, "update_sent", event.round, samples=event.samples)
             return m.Continue()
         if isinstance(event, m.UpdateApplied):
-            self.recorder.event(peer, "update_applied", event.round)
-            return m.Done() if event.round + 1 >= self.job.rounds else m.Continue()
+            await self.recorder.event(peer, "update_applied", event.round)
+            return m.Done() if event.round + 1 >= state.spec.rounds else m.Continue()
         return m.Continue()
+
+    async def _batches(self, peer: str, event: m.BatchesDone) -> m.Msg:
+        now = trio.current_time()
+        for index in event.slices_done:
+            self._mark_used(peer, index)
+        if event.batches == 0:
+            return m.Continue()
+        self.recorder.batches(peer, event, now)
+        # Fixed-H trainers sync on their own after ``batches_per_round``.
+        if self.state.spec.fixed_inner_steps is not None or peer not in self.state.trainers:
+            return m.Continue()
+        round_ = self.state.round
+        if event.round == round_ + 1:  # it got round r's weights before we heard of them
+            self.planner.record_ahead(peer, event.round, event.batches, event.samples, event.seconds)
+            return m.Continue()
+        if event.round != round_:
+            return m.Continue()
+        batches = self.planner.on_batches(peer, event.batches, event.samples, event.seconds, now)
+        if batches is None:
+            return m.Continue()
+        await self.recorder.event(peer, "sync_planned", round_, batches=batches)
+        return m.SyncAfter(round=round_, batches=batches)
 
     def _mark_used(self, worker: str, index: int) -> None:
         try:
             self.tracker.mark_used(worker, index)
         except HyphaError as exc:
             logger.debug("slice %d from %s not marked used: %s", index, worker, exc)
+            return
+        self.state.slices_changed()
 
     async def _next_slice(self, peer: str, request: m.NextSliceRequest) -> m.Msg:
-        if request.dataset != self.job.dataset:
-            raise DataError(f"this job trains on {self.job.dataset!r}, not {request.dataset!r}")
-        if peer not in self.trainers:
+        spec, tracker = self.state.spec, self.tracker
+        if request.dataset != spec.dataset:
+            raise DataError(f"this job trains on {spec.dataset!r}, not {request.dataset!r}")
+        if peer not in self.state.trainers:
             return m.NoSlice(reason="not a trainer of this job")
         # A trainer holds at most its fair share of slices in flight (current + prefetched):
         # one that hoards prefetched slices while it waits at a sync could starve another
         # that still has batches to run for the same round.
-        limit = max(1, self.tracker.num_slices // (2 * max(1, len(self.trainers))))
-        if len(self.tracker.assigned(peer)) >= limit:
+        limit = max(1, tracker.num_slices // (2 * max(1, len(self.state.trainers))))
+        if len(tracker.assigned(peer)) >= limit:
             return m.NoSlice(reason=f"already holds {limit} slices in flight")
-        assigned = self.tracker.assign(peer)
+        assigned = tracker.assign(peer)
         if assigned is None:
             return m.NoSlice(reason="every slice is in use")
+        self.state.slices_changed()
         index, epoch = assigned
         upcoming = [
             m.SliceHint(index=i, sha256=self.manifest.slices[i].sha256)
-            for i in range(self.tracker.num_slices)
-            if self.tracker.owner(i) == peer and self.tracker.state(i) is SliceState.AVAILABLE
+            for i in range(tracker.num_slices)
+            if tracker.owner(i) == peer and tracker.state(i) is SliceState.AVAILABLE
         ][:2]
+        assert self.state.dataset is not None
         return m.SliceAssign(
-            dataset=self.job.dataset,
+            dataset=spec.dataset,
             index=index,
             epoch=epoch,
             sha256=self.manifest.slices[index].sha256,
-            providers=list(self.providers),
+            providers=list(self.state.dataset.providers),
             upcoming=upcoming,
         )
 
-    async def _slice_used(self, peer: str, request: m.SliceUsed) -> m.Ack:
-        self._mark_used(peer, request.index)
-        return m.Ack()
-
     async def _slice_returned(self, peer: str, request: m.SliceReturned) -> m.Ack:
-        if request.job_id != self.job_id or request.dataset != self.job.dataset:
+        if request.job_id != self.job_id or request.dataset != self.state.spec.dataset:
             raise DataError(f"no slices of {request.dataset!r} in job {request.job_id}")
         # A stale or repeated return is answered with the tracker's LeaseError.
         skipped = self.tracker.give_back(peer, request.index, request.epoch)
+        self.state.slices_changed()
         reason = request.reason[:300]
         logger.warning("slice %d given back by %s: %s", request.index, peer, reason)
         if skipped:
@@ -343,112 +362,94 @@ class JobDriver:
         return m.Ack()
 
     async def _round_closed(self, peer: str, closed: m.RoundClosed) -> m.Ack:
-        if self.ps is None or peer != self.ps.worker or closed.job_id != self.job_id:
+        ps = self.state.parameter_server
+        if ps is None or peer != ps.worker or closed.job_id != self.job_id:
             raise JobError("only this job's parameter server closes rounds")
-        self.recorder.global_round(closed)
-        self.finished_rounds = closed.round + 1
-        if closed.round + 1 >= self.job.rounds:
-            self.done = True
-        else:
-            self.round = closed.round + 1
+        await self.recorder.global_round(closed)
+        self.state.round_closed(closed.round, self.planner.statistics().seconds_per_batch)
+        if not self.state.done:
+            spec = self.state.spec
             self.planner.start_round(
-                self.round,
-                self.job.samples_per_round,
-                [(w, self.job.batch_size) for w in self.trainers],
+                self.state.round,
+                spec.samples_per_round,
+                [(w, spec.batch_size) for w in self.state.trainers],
                 trio.current_time(),
             )
             await self._send_plan()
-        self._round_closed_event.set()
-        self._round_closed_event = trio.Event()
         return m.Ack()
 
     async def _final_model(self, peer: str, request: m.TensorPushRequest) -> m.TransferDone:
         offer = request.offer
-        if self.ps is None or peer != self.ps.worker or offer.job_id != self.job_id:
+        ps = self.state.parameter_server
+        if ps is None or peer != ps.worker or offer.job_id != self.job_id:
             return m.TransferDone(transfer_id=offer.transfer_id, ok=False, detail="not expected")
         await self.bulk.pull(offer, peer, self.recorder.model_path)
-        self.model_received.set()
+        self._model_received.set()
         return m.TransferDone(transfer_id=offer.transfer_id, ok=True)
 
     # --- the loop -----------------------------------------------------------------------------
 
-    async def _watch(self) -> None:
-        """React to pool changes and task statuses while the job runs."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_events)
-            nursery.start_soon(self._watch_statuses)
-
-    async def _watch_events(self) -> None:
-        async for event in self.parts.events:
-            if event.pool == "trainers" and event.kind == "joined":
-                await self.add_trainer(event.worker)
-            elif event.pool == "trainers":
-                self.lose_trainer(event.worker, event.reason)
-                await self._send_plan()
-            elif event.kind == "lost" and not self.done:
-                raise JobError(f"parameter server {event.worker} lost: {event.reason}")
-
-    async def _watch_statuses(self) -> None:
-        async for status in self.parts.statuses:
-            if self.ps is not None and status.task_id == self.ps.task_id:
-                if status.state == "failed" and not self.done:
-                    raise JobError(f"parameter server failed: {status.detail or status.exit_code}")
-                continue
-            member = next((t for t in self.trainers.values() if t.task_id == status.task_id), None)
-            if member is None:
-                continue
-            if status.state == "failed":
-                detail = status.detail.strip().splitlines()[-1] if status.detail.strip() else ""
-                if status.exit_code is None and ("cannot start" in status.detail or not member.reported):
-                    raise JobError(f"trainer executor on {member.worker} cannot start: {detail}")
-                self.parts.trainers.lose(
-                    member.worker, f"task failed with exit code {status.exit_code}: {detail}"
-                )
-            elif status.state == "running":
-                member.reported = True
-            elif status.state == "finished":
-                self.recorder.event(member.worker, "finished", self.round)
-                self._trainer_finished.set()
-
     async def run(self) -> None:
+        """Run the job to its end; raises ``JobError`` when it fails."""
         await self.start_parameter_server()
-        self.planner.start_round(0, self.job.samples_per_round, [], trio.current_time())
+        self.planner.start_round(0, self.state.spec.samples_per_round, [], trio.current_time())
         async with trio.open_nursery() as nursery:
-            # Pool members that joined before now are queued as "joined" events too.
-            nursery.start_soon(self._watch)
-            while not self.done:
-                await self._round_closed_event.wait()
-                self.recorder.write_status(self)
+            # Trainers leased before now are dispatched by the first reconcile.
+            nursery.start_soon(self._follow_pools)
+            finished = self.state.finished_rounds
+            while not self.state.done and self._error is None:
+                await self.state.wait_changed(self.state.version)
+                if self.state.finished_rounds != finished:
+                    finished = self.state.finished_rounds
+                    await self.recorder.write_status(self.state.snapshot())
+            if self._error is not None:
+                await self.recorder.write_status(self.state.snapshot())
+                raise self._error
             await self._finish()
             nursery.cancel_scope.cancel()
 
     async def _finish(self) -> None:
-        assert self.ps is not None
+        ps = self.state.parameter_server
+        assert ps is not None
         try:
-            await self.parts.node.request(self.ps.worker, m.JobFinished(job_id=self.job_id), m.Ack)
+            await self.ctx.node.request(ps.worker, m.JobFinished(job_id=self.job_id), m.Ack)
         except HyphaError as exc:
             logger.error("could not ask the parameter server for the final model: %s", exc)
-        with trio.move_on_after(60):
-            await self.model_received.wait()
+        with trio.move_on_after(FINAL_MODEL_WAIT_SECONDS):
+            await self._model_received.wait()
         # Trainers learn the job is over from the answer to their last report.
-        with trio.move_on_after(30):
-            while not self._all_trainers_done():
+        with trio.move_on_after(TRAINERS_FINISH_WAIT_SECONDS):
+            while not all(self.recorder.has_finished(w) for w in self.state.trainers):
                 await self._trainer_finished.wait()
                 self._trainer_finished = trio.Event()
-        self.recorder.finish(self)
-
-    def _all_trainers_done(self) -> bool:
-        return all(self.recorder.has_finished(w) for w in self.trainers)
+        await self.recorder.finish(self.state.snapshot())
 
 
-async def run_job(parts: SchedulerParts, job: JobSpec) -> None:
-    """Run ``job`` to completion; raises ``JobError`` with a clear reason when it cannot."""
-    providers, manifest = await discover_dataset(parts, job.dataset, timeout_seconds=60)
-    logger.info("dataset %s: %d slices from %d providers", job.dataset, manifest.num_slices, len(providers))
-    driver = JobDriver(parts, job, providers, manifest)
+async def _wait_then_cancel(pool: Pool, version: int, scope: trio.CancelScope) -> None:
+    await pool.wait_changed(version)
+    scope.cancel()
+
+
+async def run_job(ctx: JobContext, spec: JobSpec) -> JobState:
+    """Find the dataset, then run ``spec`` to completion; returns the job's final state.
+
+    Raises:
+        DataError: The dataset is not found in the network.
+        JobError: The job cannot run or failed, with a clear reason.
+    """
+    dataset, manifest = await discover_dataset(ctx.node, spec.dataset, timeout_seconds=DATASET_WAIT_SECONDS)
+    logger.info(
+        "dataset %s: %d slices from %d providers", spec.dataset, dataset.num_slices, len(dataset.providers)
+    )
+    state = JobState.create(spec)
+    state.set_dataset(dataset)
+    recorder = JobRecorder(spec.out, spec, state.job_id)
+    await recorder.start()
+    driver = JobDriver(ctx, state, manifest, recorder)
     async with trio.open_nursery() as nursery:
         await nursery.start(driver.bulk.run)
         await driver.run()
         nursery.cancel_scope.cancel()
-    if driver.recorder.final_loss is not None:
-        logger.info("job %s finished: final loss %.4f", job.name, driver.recorder.final_loss)
+    if recorder.final_loss is not None:
+        logger.info("job %s finished: final loss %.4f", spec.name, recorder.final_loss)
+    return state

@@ -1,15 +1,15 @@
 """The scheduler role: one job, its worker pools, and the job's lifecycle.
 
-Owns wiring the allocator and the pools of a job to one node, receiving ``TaskStatus``
-from workers, and running the job's driver (``scheduler/job.py``) until it finishes or
-fails. With ``--allocate-only`` the driver only holds the pools (allocation smoke runs).
+Owns wiring the allocator and the pools of a job to one node and running the job
+(``scheduler/job.py``) until it finishes or fails. With ``--allocate-only`` it only holds
+the pools (allocation smoke runs).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -17,11 +17,13 @@ import trio
 from hypha.config.job import JobSpec, PoolSection
 from hypha.config.schema import SchedulerConfig
 from hypha.net.host import Node
-from hypha.net.runner import run_node, settings_from_config
+from hypha.net.runner import run_role, settings_from_config
 from hypha.protocol import messages as m
 from hypha.resources import Resources
 from hypha.scheduler.allocator import Allocator, Price, WorkerSpec
-from hypha.scheduler.pool import Pool, PoolEvent, PoolSpec
+from hypha.scheduler.job import JobContext, run_job
+from hypha.scheduler.pool import Pool, PoolSpec
+from hypha.scheduler.state import JobState
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +44,50 @@ def pool_spec(name: str, section: PoolSection, executor_class: m.ExecutorClass) 
     )
 
 
-@dataclass
-class SchedulerParts:
-    """What a running scheduler exposes to its job driver and to tests."""
+class Scheduler:
+    """A scheduler's services on its node: the allocator, both pools, and the job."""
 
-    node: Node
-    allocator: Allocator
-    trainers: Pool
-    parameter_server: Pool
-    events: trio.MemoryReceiveChannel[PoolEvent]
-    statuses: trio.MemoryReceiveChannel[m.TaskStatus]
+    def __init__(self, node: Node, config: SchedulerConfig, job: JobSpec, *, allocate_only: bool) -> None:
+        self.node = node
+        self.job = job
+        self.allocate_only = allocate_only
+        self.allocator = Allocator(
+            node,
+            lease_seconds=job.lease_seconds or config.lease_seconds,
+            offer_deadline_seconds=config.offer_deadline_seconds,
+        )
+        self.ctx = JobContext(
+            node=node,
+            trainers=Pool(pool_spec("trainers", job.trainers, "train"), self.allocator),
+            parameter_server=Pool(
+                pool_spec("parameter_server", job.parameter_server, "aggregate"), self.allocator
+            ),
+        )
+        self.state: JobState | None = None
+        """The job's state once it has ended."""
+        self._finished = trio.Event()
+
+    async def start(self, nursery: trio.Nursery) -> Mapping[str, object]:
+        nursery.start_soon(self._drive)
+        return {"job": self.job.name}
+
+    async def wait_finished(self) -> None:
+        await self._finished.wait()
+
+    async def _drive(self) -> None:
+        ctx = self.ctx
+        async with trio.open_nursery() as pools:
+            if self.job.parameter_server.target > 0 and not self.allocate_only:
+                # The parameter server first: the job cannot start without it, and it
+                # should get the best offer rather than what trainers leave over.
+                await pools.start(ctx.parameter_server.run)
+                await ctx.parameter_server.wait_size(1)
+            await pools.start(ctx.trainers.run)
+            if self.allocate_only:
+                await trio.sleep_forever()
+            self.state = await run_job(ctx, self.job)
+            pools.cancel_scope.cancel()
+        self._finished.set()
 
 
 async def run_scheduler(
@@ -60,61 +96,19 @@ async def run_scheduler(
     *,
     ready_file: Path | None = None,
     allocate_only: bool = False,
-    task_status: trio.TaskStatus[SchedulerParts] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Scheduler] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the job until it ends (returns) or fails (raises ``JobError``)."""
-    finished = trio.Event()
-
-    async def body(node: Node, nursery: trio.Nursery) -> Mapping[str, object]:
-        lease_seconds = job.lease_seconds or config.lease_seconds
-        allocator = Allocator(
-            node, lease_seconds=lease_seconds, offer_deadline_seconds=config.offer_deadline_seconds
-        )
-        events_send, events = trio.open_memory_channel[PoolEvent](1000)
-        status_send, statuses = trio.open_memory_channel[m.TaskStatus](1000)
-
-        async def on_status(peer: str, status: m.TaskStatus) -> m.Ack:
-            try:
-                status_send.send_nowait(status)
-            except trio.WouldBlock:
-                logger.warning("task status dropped: %s", status)
-            return m.Ack()
-
-        node.rpc.register(m.TaskStatus, on_status, roles={"worker"})
-        trainers = Pool(pool_spec("trainers", job.trainers, "train"), allocator, events_send)
-        ps = Pool(pool_spec("parameter_server", job.parameter_server, "aggregate"), allocator, events_send)
-        parts = SchedulerParts(node, allocator, trainers, ps, events, statuses)
-
-        async def drive() -> None:
-            async with trio.open_nursery() as pools:
-                if job.parameter_server.target > 0 and not allocate_only:
-                    # The parameter server first: the job cannot start without it, and it
-                    # should get the best offer rather than what trainers leave over.
-                    await pools.start(ps.run)
-                    await ps.wait_size(1)
-                await pools.start(trainers.run)
-                if allocate_only:
-                    await trio.sleep_forever()
-                from hypha.scheduler.job import run_job
-
-                await run_job(parts, job)
-                pools.cancel_scope.cancel()
-            finished.set()
-
-        nursery.start_soon(drive)
-        holder["parts"] = parts
-        return {"job": job.name}
-
-    holder: dict[str, SchedulerParts] = {}
+    settings = settings_from_config("scheduler", config)
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: run_node(
-                settings_from_config("scheduler", config),
-                body,
+        scheduler: Scheduler = await nursery.start(
+            functools.partial(
+                run_role,
+                settings,
+                lambda node: Scheduler(node, config, job, allocate_only=allocate_only),
                 ready_file=ready_file,
-                task_status=task_status,
             )
         )
-        task_status.started(holder["parts"])
-        await finished.wait()
+        task_status.started(scheduler)
+        await scheduler.wait_finished()
         nursery.cancel_scope.cancel()

@@ -3,21 +3,25 @@
 Owns one role's membership (trainers, the parameter server): a reconcile loop that
 allocates up to ``target``, keeps each member's lease alive through the allocator, removes
 members whose lease is lost and allocates replacements, and fails the job only when the pool
-stays below ``min`` for longer than ``grace_seconds``. Joins and losses are announced on a
-channel so the job can hand work to newcomers and re-plan without the lost ones.
+stays below ``min`` for longer than ``grace_seconds``. Nothing is announced on a channel
+that could fill up and drop a change: the pool's state is its ``members`` (by worker, each
+with its lease), and ``wait_changed`` wakes whoever follows it (the job driver reconciles
+its tasks against the members; a worker re-leased between two looks has a new lease id, so
+no change is ever missed). Why a member was lost is kept by lease id (``loss_reason``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Protocol
 
 import trio
 
 from hypha.errors import JobError
-from hypha.scheduler.allocator import Allocator, Grant, Price, WorkerSpec
+from hypha.scheduler.allocator import Grant, Price, WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -39,44 +43,91 @@ class PoolSpec:
             raise ValueError(f"pool {self.name}: need 0 <= min <= target")
 
 
-@dataclass(frozen=True)
-class PoolEvent:
-    kind: Literal["joined", "lost"]
-    pool: str
-    worker: str
-    reason: str = ""
+class Leaser(Protocol):
+    """What a pool needs to lease workers (``Allocator`` is the real one)."""
+
+    async def allocate(
+        self, spec: WorkerSpec, price: Price, count: int, *, exclude: frozenset[str] = frozenset()
+    ) -> list[Grant]: ...
+
+    async def keep(self, grant: Grant, on_renewed: RenewHook | None = None) -> str: ...
+
+    async def release(self, grant: Grant) -> None: ...
+
+
+class RenewHook(Protocol):
+    def __call__(self, grant: Grant) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    """Snapshot of one pool for telemetry."""
+
+    name: str
+    num_members: int
+    target: int
+    min: int
+    num_joined: int
+    num_lost: int
+    num_renewals: int
+    below_min_since: float | None
+    """``trio.current_time()`` since which the pool is below ``min``, if it is."""
+
+
+MAX_REASONS = 1024
+"""Loss reasons kept (oldest forgotten first): the driver reads each soon after the loss."""
 
 
 class Pool:
     """A reconciled set of leased workers."""
 
-    def __init__(
-        self, spec: PoolSpec, allocator: Allocator, events: trio.MemorySendChannel[PoolEvent]
-    ) -> None:
+    def __init__(self, spec: PoolSpec, leaser: Leaser) -> None:
         self.spec = spec
-        self._allocator = allocator
-        self._events = events
+        self._leaser = leaser
         self.members: dict[str, Grant] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._changed = trio.Event()
         self._below_min_since: float | None = None
-        self.num_lost = 0
-        self.num_joined = 0
+        self._reasons: OrderedDict[str, str] = OrderedDict()
+        self._num_lost = 0
+        self._num_joined = 0
+        self._num_renewals = 0
+        self.version = 0
+        """Bumped on every change of membership or of a member's lease expiry."""
 
     def workers(self) -> list[str]:
         return list(self.members)
 
+    def loss_reason(self, lease_id: str) -> str:
+        """Why the member holding ``lease_id`` was lost ("" if unknown or still a member)."""
+        return self._reasons.get(lease_id, "")
+
     async def wait_size(self, size: int) -> None:
         """Wait until the pool holds at least ``size`` members."""
         while len(self.members) < size:
-            await self._wait_change()
+            await self._changed.wait()
 
-    async def _wait_change(self) -> None:
-        await self._changed.wait()
+    async def wait_changed(self, version: int) -> None:
+        """Wait until the pool's ``version`` is newer than ``version`` (at once if it is)."""
+        while self.version <= version:
+            await self._changed.wait()
 
     def _notify(self) -> None:
+        self.version += 1
         self._changed.set()
         self._changed = trio.Event()
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(
+            name=self.spec.name,
+            num_members=len(self.members),
+            target=self.spec.target,
+            min=self.spec.min,
+            num_joined=self._num_joined,
+            num_lost=self._num_lost,
+            num_renewals=self._num_renewals,
+            below_min_since=self._below_min_since,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reconcile until cancelled; raises ``JobError`` when below ``min`` past the grace.
@@ -90,7 +141,7 @@ class Pool:
                     self._check_minimum()
                     missing = self.spec.target - len(self.members)
                     if missing > 0:
-                        grants = await self._allocator.allocate(
+                        grants = await self._leaser.allocate(
                             self.spec.worker,
                             self.spec.price,
                             missing,
@@ -130,11 +181,10 @@ class Pool:
 
     def _join(self, grant: Grant, nursery: trio.Nursery) -> None:
         self.members[grant.worker] = grant
-        self.num_joined += 1
+        self._num_joined += 1
         scope = trio.CancelScope()
         self._scopes[grant.worker] = scope
         nursery.start_soon(self._keep, grant, scope)
-        self._emit(PoolEvent("joined", self.spec.name, grant.worker))
         logger.info(
             "pool %s: %s joined (%d/%d)",
             self.spec.name,
@@ -146,8 +196,13 @@ class Pool:
 
     async def _keep(self, grant: Grant, scope: trio.CancelScope) -> None:
         with scope:
-            reason = await self._allocator.keep(grant)
+            reason = await self._leaser.keep(grant, self._renewed)
             self.lose(grant.worker, reason)
+
+    def _renewed(self, grant: Grant) -> None:
+        if self.members.get(grant.worker) is grant:
+            self._num_renewals += 1
+            self._notify()
 
     def lose(self, worker: str, reason: str) -> None:
         """Drop ``worker`` (lost lease, failed task); the reconcile loop replaces it."""
@@ -157,17 +212,13 @@ class Pool:
         scope = self._scopes.pop(worker, None)
         if scope is not None:
             scope.cancel()
-        self.num_lost += 1
+        self._num_lost += 1
+        self._reasons[grant.lease_id] = reason
+        while len(self._reasons) > MAX_REASONS:
+            self._reasons.popitem(last=False)
         logger.warning("pool %s: lost %s: %s", self.spec.name, worker, reason)
-        self._emit(PoolEvent("lost", self.spec.name, worker, reason))
         self._notify()
 
     async def release(self, grants: Iterable[Grant]) -> None:
         for grant in list(grants):
-            await self._allocator.release(grant)
-
-    def _emit(self, event: PoolEvent) -> None:
-        try:
-            self._events.send_nowait(event)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            logger.warning("pool event dropped (no listener keeping up): %s", event)
+            await self._leaser.release(grant)

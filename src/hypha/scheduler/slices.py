@@ -19,15 +19,18 @@ which data does not depend on who asked first, and a run with the same trainers 
 same number of batches each is reproducible.
 
 This module is pure and deterministic; it does not fetch data or know data nodes. The
-scheduler's job loop answers ``NextSliceRequest``/``SliceUsed`` with it and persists it.
+scheduler's job driver answers ``NextSliceRequest``/``SliceReturned`` and trainers'
+``slices_done`` with it; ``JobState`` (``state.py``) holds it and saves it with
+``to_dict``/``from_dict``.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from hypha.errors import DataError, LeaseError
 
@@ -270,3 +273,37 @@ class SliceTracker:
             num_skipped=len(self._skipped),
             num_owners=len({owner for owner in self._owners if owner is not None}),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything the tracker knows, as JSON-ready values (``from_dict`` restores it)."""
+        return {
+            "states": [state.value for state in self._states],
+            "owners": list(self._owners),
+            "assigned_in": list(self._assigned_in),
+            "epoch": self._epoch,
+            "stripes": {worker: list(stripe) for worker, stripe in self._stripes.items()},
+            "failed": {str(index): sorted(workers) for index, workers in self._failed.items()},
+            "skipped": sorted(self._skipped),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> SliceTracker:
+        """Rebuild a tracker saved by ``to_dict``.
+
+        Raises:
+            ValueError: The document is inconsistent (lengths differ, unknown states).
+        """
+        states = [SliceState(value) for value in doc["states"]]
+        tracker = cls(len(states))
+        owners = [None if owner is None else str(owner) for owner in doc["owners"]]
+        assigned_in = [int(epoch) for epoch in doc["assigned_in"]]
+        if not len(owners) == len(assigned_in) == len(states):
+            raise ValueError("slice tracker: states, owners and epochs differ in length")
+        tracker._states = states
+        tracker._owners = owners
+        tracker._assigned_in = assigned_in
+        tracker._epoch = int(doc["epoch"])
+        tracker._stripes = {str(w): (int(r), int(n)) for w, (r, n) in doc["stripes"].items()}
+        tracker._failed = {int(i): {str(w) for w in ws} for i, ws in doc["failed"].items()}
+        tracker._skipped = {int(i) for i in doc["skipped"]}
+        return tracker
