@@ -58,9 +58,10 @@ async def open_test_node(
     rpc_timeout_seconds: float = 10.0,
 ) -> AsyncIterator[Node]:
     """An in-process node with fresh credentials (several can share one trio run)."""
+    tls = await trio.to_thread.run_sync(pki.node, name, role)  # key generation and files block
     settings = NodeSettings(
         role=role,
-        tls=pki.node(name, role),
+        tls=tls,
         listen_addresses=["/ip4/127.0.0.1/tcp/0"] if listen else [],
         gateway_addresses=list(gateways),
         relay_hop=relay_hop,
