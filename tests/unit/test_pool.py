@@ -23,7 +23,9 @@ def spec(min_: int = 1, target: int = 2, grace: float = 30.0) -> PoolSpec:
     return PoolSpec("trainers", WORKER, Price(1.0, 10.0), min=min_, target=target, grace_seconds=grace)
 
 
-async def test_pool_fills_replaces_a_lost_member_and_keeps_why(autojump_clock: trio.testing.MockClock) -> None:
+async def test_pool_fills_replaces_a_lost_member_and_keeps_why(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     leaser = FakeLeaser(["w1", "w2", "w3"])
     pool = Pool(spec(), leaser)
     async with trio.open_nursery() as nursery:
@@ -44,20 +46,27 @@ async def test_pool_fills_replaces_a_lost_member_and_keeps_why(autojump_clock: t
     assert sorted(leaser.released) == ["w2", "w3"]  # leases given back when the pool stops
 
 
-async def test_pool_below_minimum_fails_exactly_after_the_grace(autojump_clock: trio.testing.MockClock) -> None:
+async def test_pool_below_minimum_fails_exactly_after_the_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     leaser = FakeLeaser(["w1"])
     pool = Pool(spec(min_=1, target=1, grace=30.0), leaser)
     started = trio.current_time()
-    with pytest.raises(BaseExceptionGroup) as raised:
+    lost_at: list[float] = []
+
+    async def lose_the_only_member() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run)
             await pool.wait_size(1)
-            lost_at = trio.current_time()
+            lost_at.append(trio.current_time())
             leaser.end("w1", "lease gone")  # no worker left to replace it
+
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await lose_the_only_member()
     leaf = hypha_leaf(raised.value)
     assert isinstance(leaf, JobError)
     assert "below its minimum" in str(leaf)
-    failed_after = trio.current_time() - lost_at
+    failed_after = trio.current_time() - lost_at[0]
     assert 30.0 < failed_after <= 30.0 + spec().retry_seconds + 1e-9
     assert trio.current_time() - started >= 30.0
 

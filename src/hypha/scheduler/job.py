@@ -4,7 +4,8 @@ Owns the job's lifecycle and its RPC handlers: dispatching the parameter server 
 trainers on the pools' leases (and replacements as the pools change), answering trainers'
 progress with the sync planner's instructions, assigning slices, telling the parameter
 server which updates each round expects, advancing rounds when it reports them closed,
-following task statuses, and receiving the final model. Every fact about the job lives in
+following task statuses, and receiving the final model. Slice requests are answered by
+``slicing.py``. Every fact about the job lives in
 its ``JobState`` (``state.py``), changed only through its methods; documents are built by
 ``documents.py``, outputs written by ``results.py``, leases kept by ``pool.py``.
 """
@@ -20,7 +21,7 @@ import trio
 
 from hypha.config.job import JobSpec
 from hypha.data.manifest import Manifest
-from hypha.errors import DataError, HyphaError, JobError
+from hypha.errors import HyphaError, JobError
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
 from hypha.protocol import codec, codes
@@ -29,7 +30,8 @@ from hypha.scheduler import documents
 from hypha.scheduler.dataset import discover_dataset
 from hypha.scheduler.pool import Pool
 from hypha.scheduler.results import JobRecorder
-from hypha.scheduler.slices import SliceState, SliceTracker
+from hypha.scheduler.slices import SliceTracker
+from hypha.scheduler.slicing import SliceService
 from hypha.scheduler.state import JobState, LeaseRecord, PoolName, TaskRecord, TaskRole
 from hypha.scheduler.sync import SyncPlanner
 
@@ -68,14 +70,14 @@ class JobDriver:
         self.recorder = recorder
         self.planner = SyncPlanner(horizon_seconds=state.spec.sync_horizon_seconds)
         self.bulk = BulkService(ctx.node)
+        self.slices = SliceService(state, manifest)
+        self.slices.register(ctx.node.rpc)
         self._error: JobError | None = None
         self._model_received = trio.Event()
         self._adding: set[str] = set()
         self._trainer_finished = trio.Event()
         node = ctx.node
         node.rpc.register(m.ProgressRequest, self._progress, roles={"worker"})
-        node.rpc.register(m.NextSliceRequest, self._next_slice, roles={"worker"})
-        node.rpc.register(m.SliceReturned, self._slice_returned, roles={"worker"})
         node.rpc.register(m.RoundClosed, self._round_closed, roles={"worker"})
         node.rpc.register(m.TensorPushRequest, self._final_model, roles={"worker"})
         node.rpc.register(m.TaskStatus, self._task_status, roles={"worker"})
@@ -86,8 +88,7 @@ class JobDriver:
 
     @property
     def tracker(self) -> SliceTracker:
-        assert self.state.slices is not None
-        return self.state.slices
+        return self.slices.tracker
 
     def _fail(self, error: JobError) -> None:
         """Fail the job (the first failure wins); ``run`` raises it."""
@@ -285,7 +286,7 @@ class JobDriver:
     async def _batches(self, peer: str, event: m.BatchesDone) -> m.Msg:
         now = trio.current_time()
         for index in event.slices_done:
-            self._mark_used(peer, index)
+            self.slices.mark_used(peer, index)
         if event.batches == 0:
             return m.Continue()
         self.recorder.batches(peer, event, now)
@@ -303,63 +304,6 @@ class JobDriver:
             return m.Continue()
         await self.recorder.event(peer, "sync_planned", round_, batches=batches)
         return m.SyncAfter(round=round_, batches=batches)
-
-    def _mark_used(self, worker: str, index: int) -> None:
-        try:
-            self.tracker.mark_used(worker, index)
-        except HyphaError as exc:
-            logger.debug("slice %d from %s not marked used: %s", index, worker, exc)
-            return
-        self.state.slices_changed()
-
-    async def _next_slice(self, peer: str, request: m.NextSliceRequest) -> m.Msg:
-        spec, tracker = self.state.spec, self.tracker
-        if request.dataset != spec.dataset:
-            raise DataError(f"this job trains on {spec.dataset!r}, not {request.dataset!r}")
-        if peer not in self.state.trainers:
-            return m.NoSlice(reason="not a trainer of this job")
-        # A trainer holds at most its fair share of slices in flight (current + prefetched):
-        # one that hoards prefetched slices while it waits at a sync could starve another
-        # that still has batches to run for the same round.
-        limit = max(1, tracker.num_slices // (2 * max(1, len(self.state.trainers))))
-        if len(tracker.assigned(peer)) >= limit:
-            return m.NoSlice(reason=f"already holds {limit} slices in flight")
-        assigned = tracker.assign(peer)
-        if assigned is None:
-            return m.NoSlice(reason="every slice is in use")
-        self.state.slices_changed()
-        index, epoch = assigned
-        upcoming = [
-            m.SliceHint(index=i, sha256=self.manifest.slices[i].sha256)
-            for i in range(tracker.num_slices)
-            if tracker.owner(i) == peer and tracker.state(i) is SliceState.AVAILABLE
-        ][:2]
-        assert self.state.dataset is not None
-        return m.SliceAssign(
-            dataset=spec.dataset,
-            index=index,
-            epoch=epoch,
-            sha256=self.manifest.slices[index].sha256,
-            providers=list(self.state.dataset.providers),
-            upcoming=upcoming,
-        )
-
-    async def _slice_returned(self, peer: str, request: m.SliceReturned) -> m.Ack:
-        if request.job_id != self.job_id or request.dataset != self.state.spec.dataset:
-            raise DataError(f"no slices of {request.dataset!r} in job {request.job_id}")
-        # A stale or repeated return is answered with the tracker's LeaseError.
-        skipped = self.tracker.give_back(peer, request.index, request.epoch)
-        self.state.slices_changed()
-        reason = request.reason[:300]
-        logger.warning("slice %d given back by %s: %s", request.index, peer, reason)
-        if skipped:
-            logger.error(
-                "slice %d skipped in epoch %d: no trainer could fetch it (last: %s)",
-                request.index,
-                self.tracker.epoch,
-                reason,
-            )
-        return m.Ack()
 
     async def _round_closed(self, peer: str, closed: m.RoundClosed) -> m.Ack:
         ps = self.state.parameter_server

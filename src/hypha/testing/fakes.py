@@ -17,7 +17,14 @@ from typing import Any, TypeVar
 
 import trio
 
-from hypha.errors import HyphaError, PeerUnreachableError, ProtocolError, RemoteError, RequestTimeoutError, wire_code
+from hypha.errors import (
+    HyphaError,
+    PeerUnreachableError,
+    ProtocolError,
+    RemoteError,
+    RequestTimeoutError,
+    wire_code,
+)
 from hypha.protocol import codes, ids
 from hypha.protocol import messages as m
 from hypha.resources import Resources
@@ -112,7 +119,9 @@ class FakeNode:
         handler, roles = route
         sender_role = self.hub.nodes[sender].role if sender in self.hub.nodes else ""
         if roles is not None and sender_role not in roles:
-            return m.ErrorResponse(code=codes.FORBIDDEN, detail=f"{type(msg).__name__} needs role {sorted(roles)}")
+            return m.ErrorResponse(
+                code=codes.FORBIDDEN, detail=f"{type(msg).__name__} needs role {sorted(roles)}"
+            )
         try:
             return await handler(sender, msg)
         except HyphaError as exc:
