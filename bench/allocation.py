@@ -282,9 +282,12 @@ async def hold_leases(pki: Pki, gateway: str, num_workers: int, name: str, trace
                 for grant in grants:
                     keepers.start_soon(allocator.keep, grant)
                 with trio.move_on_after(MEMORY_LEASE_SECONDS * 3):
-                    await wait_until(
-                        lambda: allocator.statistics().num_renewals + allocator.statistics().num_lost >= len(grants)
-                    )
+
+                    def settled() -> bool:
+                        stats = allocator.statistics()
+                        return stats.num_renewals + stats.num_lost >= len(grants)
+
+                    await wait_until(settled)
                 holding = measure()
                 num_held = len(grants) - allocator.statistics().num_lost
                 keepers.cancel_scope.cancel()

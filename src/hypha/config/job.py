@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hypha.config.load import _build, _toml_key
+from hypha.config.load import build_section, toml_key
 from hypha.config.schema import doc
 from hypha.errors import ConfigError
 
@@ -139,11 +139,7 @@ def load_job(path: Path) -> JobSpec:
         raise ConfigError(f"job file {path} does not exist") from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    problems: list[str] = []
-    spec = _build(JobSpec, raw, "", problems, path.resolve().parent)
-    if problems:
-        raise ConfigError(f"{len(problems)} problem(s) in {path}", [f"{path}: {p}" for p in problems])
-    return spec
+    return build_section(JobSpec, raw, where=str(path), base=path.resolve().parent)
 
 
 def job_to_dict(spec: JobSpec) -> dict[str, Any]:
@@ -163,7 +159,7 @@ def _table(section: Any) -> dict[str, Any]:
             value = str(value)
         elif isinstance(value, dict):
             value = dict(value)
-        doc[_toml_key(f.name)] = value
+        doc[toml_key(f.name)] = value
     return doc
 
 
@@ -173,8 +169,4 @@ def job_from_dict(doc: dict[str, Any], origin: str = "saved job") -> JobSpec:
     Raises:
         ConfigError: The table does not describe a valid job (every problem listed).
     """
-    problems: list[str] = []
-    spec = _build(JobSpec, doc, "", problems, None)
-    if problems:
-        raise ConfigError(f"{len(problems)} problem(s) in {origin}", [f"{origin}: {p}" for p in problems])
-    return spec
+    return build_section(JobSpec, doc, where=origin)

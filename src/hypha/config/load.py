@@ -26,8 +26,12 @@ ENV_PREFIX = "HYPHA_"
 _TOML_RENAMES = {"executor_class": "class"}
 
 
-def _toml_key(name: str) -> str:
+def toml_key(name: str) -> str:
+    """The TOML key of a config dataclass field (most are the field name itself)."""
     return _TOML_RENAMES.get(name, name)
+
+
+_toml_key = toml_key
 
 
 def _convert(value: Any, tp: Any, key: str, problems: list[str], base: Path | None) -> Any:
