@@ -26,6 +26,7 @@ from hypha.data.prepare import prepare_dataset
 from hypha.datanode.node import run_data_node
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
+from hypha.protocol import codes
 from hypha.protocol import messages as m
 from hypha.resources import Resources
 from hypha.scheduler.allocator import Allocator, Grant, Price, WorkerSpec
@@ -208,6 +209,7 @@ async def test_executor_fetches_sends_reports_and_exits(pki: Pki, tmp_path: Path
         sha = side.manifest.slices[0].sha256
         assert side.received["result.txt"] == f"hello {sha}".encode()  # fetched through the bridge, sent back
         assert [p.event.samples for p in side.progress] == [side.manifest.slices[0].size]
+        assert status.code == ""  # the executor ran: its own exit code tells the story
         if mode == "ok":
             assert status.state == "finished"
             assert status.exit_code == 0
@@ -322,6 +324,7 @@ async def test_executor_that_cannot_start_is_reported_with_the_reason(pki: Pki, 
             status = await side.wait_status("broken-1", "failed", "finished")
         assert status.state == "failed"
         assert status.exit_code is None
+        assert status.code == codes.EXECUTOR_START
         assert "cannot start executor" in status.detail
         assert "no-such-program" in status.detail
         # An executor the worker does not have is refused at dispatch with the reason.

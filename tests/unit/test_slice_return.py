@@ -54,7 +54,7 @@ async def test_cancelled_fetch_gives_the_slice_back(tmp_path: Path, cancelled_wh
     network = Network()
     config = SimpleNamespace(work_dir=tmp_path, cache_slices=4, prefetch_depth=0)
     bulk = SimpleNamespace(recycle=lambda path: None)
-    transfers = Transfers(network, bulk, config, jobs=None)  # type: ignore[arg-type]
+    transfers = Transfers(network, bulk, config, update_sinks=lambda job_id: None, tasks={})  # type: ignore[arg-type]
     task = SimpleNamespace(scheduler="sched", job_id="job")
     finished = False
     if cancelled_while == "assigning":

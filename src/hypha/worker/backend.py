@@ -12,17 +12,14 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from hypha.bridge.inbox import Subscription
-from hypha.errors import JobError
 from hypha.net.host import Node
 from hypha.protocol import bridge as b
 from hypha.protocol import ids
 from hypha.protocol import messages as m
-
-if TYPE_CHECKING:
-    from hypha.worker.jobs import Task
+from hypha.worker.task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +58,7 @@ def to_instruction(reply: m.Msg) -> b.InstructionBody:
 class TaskBackend:
     """Implements ``hypha.bridge.api.BridgeBackend`` for one task."""
 
-    def __init__(self, node: Node, task: Task, services: TaskServices | None) -> None:
+    def __init__(self, node: Node, task: Task, services: TaskServices) -> None:
         self._node = node
         self._task = task
         self._services = services
@@ -74,13 +71,9 @@ class TaskBackend:
         return self._task.config
 
     async def fetch(self, ref: b.Reference, work_dir: Path) -> list[b.FetchedFile]:
-        if self._services is None:
-            raise JobError("this worker has no data services")
         return await self._services.fetch(self._task, ref, work_dir)
 
     async def send(self, request: b.SendRequest, path: Path) -> list[str]:
-        if self._services is None:
-            raise JobError("this worker has no transfer services")
         return await self._services.send(self._task, request, path)
 
     def subscribe_received(self) -> AbstractContextManager[Subscription]:

@@ -1,10 +1,12 @@
 """The job manager: runs the tasks dispatched under this worker's leases.
 
 Owns ``DispatchTask`` and ``CancelTask`` from the lease holder (anyone else is refused), a
-private work directory (0700) and bridge socket (0600) per task, starting the configured
-executor (``executors/process.py`` for user programs, ``executors/aggregate.py`` for the
-parameter server), reporting ``TaskStatus`` to the scheduler, and stopping tasks when their
-lease ends. What a task may fetch and send is ``worker/backend.py``'s job.
+private work directory (0700) per task, handing each task to the runner of its executor's
+runtime (``executors/process.py`` for user programs, ``executors/aggregate.py`` for the
+parameter server; the mapping is built in ``worker/node.py``), reporting ``TaskStatus`` to
+the scheduler (retried while the lease lasts, so no state change is lost to one failed
+send), and stopping tasks when their lease ends. What a task may fetch and send is
+``worker/backend.py``'s job.
 """
 
 from __future__ import annotations
@@ -12,73 +14,87 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 
-from hypha.bridge.inbox import Inbox
+from hypha import errors
 from hypha.config.schema import ExecutorSection, WorkerConfig
-from hypha.errors import HyphaError
+from hypha.errors import HyphaError, NetworkError, RemoteError
 from hypha.net.host import Node
+from hypha.protocol import codes
 from hypha.protocol import messages as m
-from hypha.worker.executors.process import run_executor_process
 from hypha.worker.leases import WorkerLeases
-
-if TYPE_CHECKING:
-    from hypha.worker.backend import TaskServices
+from hypha.worker.task import Runner, Task, choose_socket_path, find_task
 
 logger = logging.getLogger(__name__)
-MAX_SOCKET_PATH = 100
+
+MAX_STATUS_ATTEMPTS = 5
+"""Sends of one ``TaskStatus`` before giving up (fewer once the task's lease is gone)."""
+
+STATUS_RETRY_SECONDS = 0.5
+"""Wait before the second send of a ``TaskStatus``; doubled before each further one."""
+
+MAX_DETAIL_CHARS = 8000
+"""The tail of a failure's detail that a ``TaskStatus`` carries."""
 
 
-@dataclass
-class Task:
-    """One running task."""
+@dataclass(frozen=True, slots=True)
+class JobStatistics:
+    """A snapshot of a ``JobManager``'s counters (for telemetry)."""
 
-    task_id: str
-    job_id: str
-    lease_id: str
-    scheduler: str
-    executor: ExecutorSection
-    work_dir: Path
-    config: bytes
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    state: m.TaskState = "running"
-    done: trio.Event = field(default_factory=trio.Event)
-    inbox: Inbox = field(default_factory=Inbox)
-
-    @property
-    def socket_path(self) -> Path:
-        path = self.work_dir / "bridge.sock"
-        if len(os.fsencode(path)) < MAX_SOCKET_PATH:
-            return path
-        # AF_UNIX paths are short: fall back to a private runtime directory for deep work dirs.
-        runtime = Path(tempfile.gettempdir()) / f"hypha-{os.getuid()}"
-        runtime.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(runtime, 0o700)
-        return runtime / f"{self.task_id[:16]}.sock"
-
-    @property
-    def job_path(self) -> Path:
-        return self.work_dir / "job.json"
+    num_running: int
+    num_started: int
+    num_finished: int
+    num_failed: int
+    num_cancelled: int
+    num_statuses_lost: int
+    """``TaskStatus`` messages the scheduler never acknowledged despite the retries."""
 
 
 class JobManager:
-    """Starts, watches and stops executors."""
+    """Starts, watches and stops executors.
 
-    def __init__(self, node: Node, leases: WorkerLeases, config: WorkerConfig) -> None:
+    Args:
+        node: the worker's node (RPC handlers are registered on it).
+        leases: the lease ledger; a task runs only under a lease its dispatcher holds.
+        config: the worker's section.
+        runners: the runner of each executor runtime (``"process"``, ``"aggregate"``).
+        tasks: the table of running tasks, shared with the data plane (which only reads it).
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        leases: WorkerLeases,
+        config: WorkerConfig,
+        runners: Mapping[str, Runner],
+        tasks: dict[str, Task] | None = None,
+    ) -> None:
         self._node = node
         self._leases = leases
         self._config = config
-        self.tasks: dict[str, Task] = {}
+        self._runners = dict(runners)
+        self.tasks: dict[str, Task] = tasks if tasks is not None else {}
         self._nursery: trio.Nursery | None = None
-        self.services: TaskServices | None = None
+        self._num_started = self._num_finished = self._num_failed = self._num_cancelled = 0
+        self._num_statuses_lost = 0
         node.rpc.register(m.DispatchTask, self._dispatch, roles={"scheduler"})
         node.rpc.register(m.CancelTask, self._cancel, roles={"scheduler"})
         leases.on_lease_end(self._lease_ended)
+
+    def statistics(self) -> JobStatistics:
+        """Return a snapshot of the counters."""
+        return JobStatistics(
+            num_running=len(self.tasks),
+            num_started=self._num_started,
+            num_finished=self._num_finished,
+            num_failed=self._num_failed,
+            num_cancelled=self._num_cancelled,
+            num_statuses_lost=self._num_statuses_lost,
+        )
 
     def _executor(self, wanted: m.ExecutorDescriptor) -> ExecutorSection | None:
         for executor in self._config.executors:
@@ -91,7 +107,7 @@ class JobManager:
         if request.task_id in self.tasks:
             return m.Refused(reason=f"task {request.task_id} already exists")
         executor = self._executor(request.executor)
-        if executor is None:
+        if executor is None or executor.runtime not in self._runners:
             return m.Refused(
                 reason=f"executor {request.executor.executor_class}/{request.executor.name} not configured"
             )
@@ -99,11 +115,14 @@ class JobManager:
             return m.Refused(reason="worker is shutting down")
         work_dir = self._config.work_dir / f"task-{request.task_id[:16]}"
         try:
-            work_dir.mkdir(parents=True, mode=0o700)
-            os.chmod(work_dir, 0o700)
-            (work_dir / "job.json").write_bytes(request.config)
+            socket_path = await trio.to_thread.run_sync(
+                _make_work_dir, work_dir, request.config, request.task_id
+            )
         except OSError as exc:
             return m.Refused(reason=f"cannot create work directory {work_dir}: {exc}")
+        if self._nursery is None:  # the worker began stopping while the folder was made
+            await trio.to_thread.run_sync(_remove_task_files, work_dir, socket_path)
+            return m.Refused(reason="worker is shutting down")
         task = Task(
             task_id=request.task_id,
             job_id=request.job_id,
@@ -112,8 +131,10 @@ class JobManager:
             executor=executor,
             work_dir=work_dir,
             config=request.config,
+            socket_path=socket_path,
         )
         self.tasks[task.task_id] = task
+        self._num_started += 1
         self._nursery.start_soon(self._run_task, task)
         return m.Dispatched(task_id=task.task_id)
 
@@ -134,86 +155,91 @@ class JobManager:
 
     def task_for_job(self, job_id: str, executor_class: str) -> Task | None:
         """The running task of ``job_id`` with that executor class, if this worker has one."""
-        for task in self.tasks.values():
-            if task.job_id == job_id and task.executor.executor_class == executor_class:
-                return task
-        return None
-
-    async def wait_task(self, task_id: str) -> Task:
-        task = self.tasks[task_id]
-        await task.done.wait()
-        return task
+        return find_task(self.tasks.values(), job_id, executor_class)
 
     async def _run_task(self, task: Task) -> None:
         exit_code: int | None = None
         detail = ""
+        code = ""
         try:
             with task.scope:
-                await self._report(task, None, "")
-                exit_code, detail = await self._execute(task)
+                await self._report(
+                    task, m.TaskStatus(task_id=task.task_id, job_id=task.job_id, state="running")
+                )
+                result = await self._runners[task.executor.runtime](task)
+                exit_code, detail = result.exit_code, result.detail
                 task.state = "finished" if exit_code == 0 else "failed"
-        except HyphaError as exc:
-            task.state = "failed"
-            detail = str(exc)
-            logger.warning("task %s failed: %s", task.task_id, exc)
         except Exception as exc:  # the per-task error boundary: a task never takes the worker down
             task.state = "failed"
-            leaf = _leaf(exc)
-            detail = f"{type(leaf).__name__}: {leaf}"
-            logger.error("task %s crashed", task.task_id, exc_info=True)
+            # A runner's own nursery wraps its HyphaError in a group: that is still a failure
+            # on purpose (ExecutorStartError, a JobError), not a crash.
+            failure = errors.hypha_leaf(exc)
+            if failure is not None:
+                detail = str(failure)
+                code = errors.wire_code(failure)
+                logger.warning("task %s failed: %s", task.task_id, failure)
+            else:
+                leaf = errors.sole_leaf(exc)
+                detail = f"{type(leaf).__name__}: {leaf}"
+                code = errors.wire_code(leaf)
+                logger.error("task %s crashed", task.task_id, exc_info=True)
         finally:
             with trio.CancelScope(shield=True):
-                shutil.rmtree(task.work_dir, ignore_errors=True)
-                if task.socket_path.parent != task.work_dir:
-                    task.socket_path.unlink(missing_ok=True)
+                await trio.to_thread.run_sync(_remove_task_files, task.work_dir, task.socket_path)
                 self.tasks.pop(task.task_id, None)
                 task.done.set()
-                await self._report(task, exit_code, detail)
+                self._count(task.state)
+                status = m.TaskStatus(
+                    task_id=task.task_id,
+                    job_id=task.job_id,
+                    state=task.state,
+                    exit_code=exit_code,
+                    detail=detail[-MAX_DETAIL_CHARS:],
+                    code=code,
+                )
+                await self._report(task, status)
 
-    async def _execute(self, task: Task) -> tuple[int, str]:
-        if task.executor.runtime == "aggregate":
-            from hypha.worker.executors.aggregate import run_aggregate
-            from hypha.worker.transfers import Transfers
+    def _count(self, state: m.TaskState) -> None:
+        if state == "finished":
+            self._num_finished += 1
+        elif state == "failed":
+            self._num_failed += 1
+        else:
+            self._num_cancelled += 1
 
-            services = self.services if isinstance(self.services, Transfers) else None
-            await run_aggregate(self._node, task, services)
-            return 0, ""
-        from hypha.bridge.server import serve_bridge
-        from hypha.worker.backend import TaskBackend
+    async def _report(self, task: Task, status: m.TaskStatus) -> None:
+        """Send ``status`` to the scheduler, retrying with backoff while the lease lasts.
 
-        backend = TaskBackend(self._node, task, self.services)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_bridge, backend, task.socket_path, task.work_dir)
-            result = await run_executor_process(
-                task.executor.cmd,
-                task.executor.args,
-                socket_path=task.socket_path,
-                work_dir=task.work_dir,
-                job_json=task.job_path,
-                task_id=task.task_id,
-                kill_grace_seconds=self._config.kill_grace_seconds,
-                extra_env={"HYPHA_THROTTLE": str(self._config.throttle)}
-                if self._config.throttle != 1.0
-                else None,
-            )
-            nursery.cancel_scope.cancel()
-        if result.exit_code != 0:
-            return result.exit_code, result.stderr_tail
-        return 0, ""
-
-    async def _report(self, task: Task, exit_code: int | None, detail: str) -> None:
-        status = m.TaskStatus(
-            task_id=task.task_id,
-            job_id=task.job_id,
-            state=task.state,
-            exit_code=exit_code,
-            detail=detail[-8000:],
-        )
-        with trio.move_on_after(self._node.settings.rpc_timeout_seconds):
+        A state change must not be lost to one failed send: the scheduler tells an executor
+        that could not start from one that failed by whether it saw "running". A send is
+        retried when it may succeed later (no answer, peer unreachable, or the scheduler
+        answered ``not_ready``), not when the scheduler refused it. Retries stop early when
+        the task's lease is gone (its holder is not listening) or the worker is stopping (so
+        shutdown is not held up); giving up is logged.
+        """
+        delay = STATUS_RETRY_SECONDS
+        for attempt in range(1, MAX_STATUS_ATTEMPTS + 1):
             try:
                 await self._node.request(task.scheduler, status, m.Ack)
-            except HyphaError as exc:
-                logger.info("could not report %s of task %s: %s", task.state, task.task_id, exc)
+                return
+            except HyphaError as exc:  # timeouts included (RequestTimeoutError)
+                failure = exc
+            live = self._nursery is not None and self._leases.ledger.get(task.lease_id) is not None
+            if not (live and _may_succeed_later(failure)) or attempt == MAX_STATUS_ATTEMPTS:
+                break
+            logger.info(
+                "could not report %s of task %s (will retry): %s", status.state, task.task_id, failure
+            )
+            await trio.sleep(delay)
+            delay *= 2
+        self._num_statuses_lost += 1
+        logger.warning(
+            "gave up reporting %s of task %s after %d attempts: %s",
+            status.state,
+            task.task_id,
+            attempt,
+            failure,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own every task's lifetime until cancelled (then stop them all)."""
@@ -229,7 +255,22 @@ class JobManager:
                     task.scope.cancel()
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+def _may_succeed_later(exc: HyphaError) -> bool:
+    """Whether sending again could help: the request got no answer, or "not ready" as one."""
+    if isinstance(exc, RemoteError):
+        return exc.code == codes.NOT_READY
+    return isinstance(exc, NetworkError)
+
+
+def _make_work_dir(work_dir: Path, config: bytes, task_id: str) -> Path:
+    """Create the task's private folder with its job document; return its socket path."""
+    work_dir.mkdir(parents=True, mode=0o700)
+    os.chmod(work_dir, 0o700)
+    (work_dir / "job.json").write_bytes(config)
+    return choose_socket_path(work_dir, task_id)
+
+
+def _remove_task_files(work_dir: Path, socket_path: Path) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)
+    if socket_path.parent != work_dir:
+        socket_path.unlink(missing_ok=True)

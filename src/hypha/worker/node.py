@@ -1,8 +1,10 @@
 """The worker role: offers resources, holds leases, runs the tasks dispatched under them.
 
 Owns wiring the worker's parts to one node: the lease ledger and its protocol
-(``leases.py``), the arbiter that answers advertisements (``arbiter.py``) and the job
-manager that runs executors (``jobs.py``). It holds no scheduling policy of its own.
+(``leases.py``), the arbiter that answers advertisements (``arbiter.py``), the data plane
+(``transfers.py``), the parameter servers' routing (``executors/aggregate.py``) and the job
+manager with the runner of each executor runtime (``jobs.py``). Every part gets what it
+needs at construction; none is wired after. It holds no scheduling policy of its own.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from hypha.net.runner import run_role, settings_from_config
 from hypha.net.spares import SpareFiles
 from hypha.resources import Resources
 from hypha.worker.arbiter import Arbiter
+from hypha.worker.executors.aggregate import AggregateRunner, ParameterServers
+from hypha.worker.executors.process import ProcessRunner
 from hypha.worker.jobs import JobManager
 from hypha.worker.leases import WorkerLeases
+from hypha.worker.task import Runner, Task
 from hypha.worker.transfers import Transfers
 
 logger = logging.getLogger(__name__)
@@ -48,11 +53,18 @@ class Worker:
             offer_window_seconds=config.offer_window_seconds,
             batch_window_seconds=config.batch_window_seconds,
         )
-        self.jobs = JobManager(node, self.leases, config)
         spares = SpareFiles(config.work_dir / "spare", config.spare_bytes) if config.spare_bytes else None
         self.bulk = BulkService(node, spares=spares)
-        self.transfers = Transfers(node, self.bulk, config, self.jobs)
-        self.jobs.services = self.transfers
+        tasks: dict[str, Task] = {}
+        self.parameter_servers = ParameterServers(node)
+        self.transfers = Transfers(
+            node, self.bulk, config, update_sinks=self.parameter_servers.update_sink, tasks=tasks
+        )
+        runners: dict[str, Runner] = {
+            "process": ProcessRunner(node, self.transfers, config),
+            "aggregate": AggregateRunner(node, self.parameter_servers, self.transfers),
+        }
+        self.jobs = JobManager(node, self.leases, config, runners, tasks)
 
     async def start(self, nursery: trio.Nursery) -> Mapping[str, object]:
         await nursery.start(self.bulk.run)

@@ -3,8 +3,9 @@
 Owns what a task's bridge fetch and send turn into on the network: asking the scheduler for
 the next slice and pulling it (through the slice cache, failing over between data nodes),
 asking the parameter server for the current weights, pushing files to peers over the bulk
-path, and receiving pushes for local tasks (routed by job: updates to the job's aggregator,
-weights and files to its trainer), which land in that task's inbox only.
+path, and receiving pushes for local tasks (routed by job: updates to the sink the update
+lookup names, weights and files to the job's trainer, in that task's inbox only). It does not
+know the parameter server: its requests are routed by ``executors/aggregate.py``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import shutil
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 
+from hypha import errors
+from hypha.config.schema import WorkerConfig
 from hypha.data.cache import SliceCache, SliceRef
 from hypha.errors import DataError, HyphaError, JobError, NotReadyError, RemoteError, TransferError
 from hypha.net.bulk import BulkService
@@ -28,11 +31,7 @@ from hypha.protocol import bridge as b
 from hypha.protocol import codec
 from hypha.protocol import messages as m
 from hypha.protocol.tasks import TrainTask
-
-if TYPE_CHECKING:
-    from hypha.config.schema import WorkerConfig
-    from hypha.worker.executors.aggregate import ParameterServer
-    from hypha.worker.jobs import JobManager, Task
+from hypha.worker.task import Task, TaskTable, find_task
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +40,23 @@ MIN_BYTES_PER_SECOND = 2_000_000
 
 UpdateSink = Callable[[m.TensorOffer, str, Path], Awaitable[None]]
 """``async def sink(offer, sender, path)``: an aggregator takes a received update."""
+
+UpdateSinks = Callable[[str], UpdateSink | None]
+"""``sinks(job_id)``: where a pushed update of that job goes (None: no aggregator here)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferStatistics:
+    """A snapshot of a ``Transfers``' counters (for telemetry); the slice cache has its own."""
+
+    num_slices_assigned: int
+    num_slices_returned: int
+    num_weights_fetched: int
+    num_pushes_delivered: int
+    num_pushes_failed: int
+    num_received: int
+    num_refused: int
+    """Pushes refused because no task or aggregator of their job runs here."""
 
 
 def _safe_name(name: str) -> str:
@@ -53,12 +69,15 @@ def _safe_name(name: str) -> str:
 
 def _failure(exc: BaseException) -> str:
     """Why a fetch failed, in words; a cancellation may arrive inside an exception group."""
-    if isinstance(exc, BaseExceptionGroup):
-        matched, rest = exc.split(trio.Cancelled)
-        if matched is not None and rest is None:
-            return "the fetch was cancelled"
-        return "; ".join(_failure(inner) for inner in exc.exceptions)
-    return "the fetch was cancelled" if isinstance(exc, trio.Cancelled) else str(exc) or repr(exc)
+    if errors.only_cancelled(exc, trio.Cancelled):
+        return _CANCELLED
+    return "; ".join(
+        _CANCELLED if isinstance(leaf, trio.Cancelled) else str(leaf) or repr(leaf)
+        for leaf in errors.leaves(exc)
+    )
+
+
+_CANCELLED = "the fetch was cancelled"
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
@@ -73,13 +92,32 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 class Transfers:
-    """Implements ``worker.backend.TaskServices`` and serves incoming pushes."""
+    """Implements ``worker.backend.TaskServices`` and serves incoming pushes.
 
-    def __init__(self, node: Node, bulk: BulkService, config: WorkerConfig, jobs: JobManager) -> None:
+    Args:
+        node: the worker's node (``TensorPushRequest`` is registered on it).
+        bulk: the worker's bulk channel.
+        config: the worker's section.
+        update_sinks: where a pushed update of a job goes.
+        tasks: the worker's running tasks (read only: a pushed file goes to its job's trainer).
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        bulk: BulkService,
+        config: WorkerConfig,
+        *,
+        update_sinks: UpdateSinks,
+        tasks: TaskTable,
+    ) -> None:
         self._node = node
         self._bulk = bulk
         self._config = config
-        self._jobs = jobs
+        self._update_sinks = update_sinks
+        self._tasks = tasks
+        self._num_assigned = self._num_returned = self._num_weights = 0
+        self._num_delivered = self._num_push_failures = self._num_received = self._num_refused = 0
         self._providers: dict[tuple[str, int], list[str]] = {}
         self.cache = SliceCache(
             config.work_dir / "cache",
@@ -88,29 +126,19 @@ class Transfers:
             prefetch_depth=config.prefetch_depth,
             discard=bulk.recycle,
         )
-        self.aggregators: dict[str, UpdateSink] = {}
-        self.parameter_servers: dict[str, ParameterServer] = {}
         node.rpc.register(m.TensorPushRequest, self._on_push)
-        node.rpc.register(m.WeightsRequest, self._on_weights_request, roles={"worker", "scheduler"})
-        node.rpc.register(m.RoundPlan, self._on_round_plan, roles={"scheduler"})
-        node.rpc.register(m.JobFinished, self._on_job_finished, roles={"scheduler"})
 
-    def _server(self, job_id: str) -> ParameterServer:
-        server = self.parameter_servers.get(job_id)
-        if server is None:
-            raise JobError(f"no parameter server of job {job_id} on this worker")
-        return server
-
-    async def _on_weights_request(self, peer: str, request: m.WeightsRequest) -> m.TensorOffer:
-        return await self._server(request.job_id).on_weights_request(peer, request)
-
-    async def _on_round_plan(self, peer: str, plan: m.RoundPlan) -> m.Ack:
-        await self._server(plan.job_id).on_plan(plan)
-        return m.Ack()
-
-    async def _on_job_finished(self, peer: str, request: m.JobFinished) -> m.Ack:
-        await self._server(request.job_id).on_finished()
-        return m.Ack()
+    def statistics(self) -> TransferStatistics:
+        """Return a snapshot of the counters."""
+        return TransferStatistics(
+            num_slices_assigned=self._num_assigned,
+            num_slices_returned=self._num_returned,
+            num_weights_fetched=self._num_weights,
+            num_pushes_delivered=self._num_delivered,
+            num_pushes_failed=self._num_push_failures,
+            num_received=self._num_received,
+            num_refused=self._num_refused,
+        )
 
     @property
     def bulk(self) -> BulkService:
@@ -154,6 +182,7 @@ class Transfers:
         if isinstance(reply, m.NoSlice):
             raise NotReadyError(f"no slice available right now: {reply.reason}")
         assign = codec.expect(reply, m.SliceAssign)
+        self._num_assigned += 1
         for hint in assign.upcoming:
             self._providers[(assign.dataset, hint.index)] = list(assign.providers)
         self._providers[(assign.dataset, assign.index)] = list(assign.providers)
@@ -171,7 +200,7 @@ class Transfers:
             if isinstance(exc, OSError):
                 raise DataError(f"cannot store slice {assign.index} in the task's folder: {exc}") from exc
             raise
-        size = (work_dir / rel).stat().st_size
+        size = (await trio.Path(work_dir / rel).stat()).st_size
         return b.FetchedFile(
             path=str(rel),
             size=size,
@@ -190,6 +219,7 @@ class Transfers:
             epoch=assign.epoch,
             reason=reason[:500],
         )
+        self._num_returned += 1
         # Shielded so that a cancelled fetch still reports; short so that shutdown is not held up.
         with trio.move_on_after(min(5.0, self._node.settings.rpc_timeout_seconds)) as scope:
             scope.shield = True
@@ -206,7 +236,7 @@ class Transfers:
         providers = self._providers.get(ref.key, [])
         if not providers:
             raise TransferError(f"no known provider of {ref.dataset} slice {ref.index}")
-        errors: list[str] = []
+        failures: list[str] = []
         delay = 0.1
         for _round in range(3):
             for provider in providers:
@@ -219,12 +249,12 @@ class Transfers:
                     await self._bulk.pull(offer, provider, dest, attempts=2)
                     return
                 except HyphaError as exc:  # timeouts included (RequestTimeoutError)
-                    errors.append(f"{provider[-8:]}: {exc}")
+                    failures.append(f"{provider[-8:]}: {exc}")
                     logger.warning("slice %s/%d from %s failed: %s", ref.dataset, ref.index, provider, exc)
             await trio.sleep(delay)
             delay *= 2
         raise TransferError(
-            f"slice {ref.dataset}/{ref.index} could not be fetched: " + "; ".join(errors[-4:])
+            f"slice {ref.dataset}/{ref.index} could not be fetched: " + "; ".join(failures[-4:])
         )
 
     async def _fetch_weights(self, task: Task, round_: int | None, work_dir: Path) -> b.FetchedFile:
@@ -241,6 +271,7 @@ class Transfers:
             raise
         rel = Path("weights") / f"global-{offer.round:05d}.safetensors"
         await self._bulk.pull(offer, doc.parameter_server, work_dir / rel)
+        self._num_weights += 1
         return b.FetchedFile(path=str(rel), size=offer.size, sha256=offer.sha256)
 
     async def _fetch_uri(self, uri: str, work_dir: Path) -> b.FetchedFile:
@@ -250,9 +281,9 @@ class Transfers:
         name = Path(parsed.path).name or "download"
         rel = Path("downloads") / name
         dest = work_dir / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
 
         def download() -> None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
             with urllib.request.urlopen(uri, timeout=30) as response, dest.open("wb") as out:
                 shutil.copyfileobj(response, out, 1 << 20)
 
@@ -262,9 +293,8 @@ class Transfers:
             raise TransferError(f"cannot fetch {uri}: {exc}") from exc
         from hypha.data.manifest import sha256_file
 
-        return b.FetchedFile(
-            path=str(rel), size=dest.stat().st_size, sha256=await trio.to_thread.run_sync(sha256_file, dest)
-        )
+        sha256 = await trio.to_thread.run_sync(sha256_file, dest)
+        return b.FetchedFile(path=str(rel), size=(await trio.Path(dest).stat()).st_size, sha256=sha256)
 
     # --- send -------------------------------------------------------------------------
 
@@ -299,7 +329,7 @@ class Transfers:
     ) -> list[str]:
         """Offer ``path`` to each peer and wait until each confirmed storing it."""
         delivered: list[str] = []
-        errors: list[str] = []
+        failures: list[str] = []
         sha: str | None = None
         for peer in peers:
             offer = await self._bulk.offer(
@@ -321,18 +351,20 @@ class Transfers:
                     peer, m.TensorPushRequest(offer=offer), m.TransferDone, timeout_seconds=deadline
                 )
             except HyphaError as exc:
-                errors.append(f"{peer}: {exc}")
+                failures.append(f"{peer}: {exc}")
                 continue
             finally:
                 self._bulk.withdraw(offer.transfer_id)
             if done.ok:
                 delivered.append(peer)
             else:
-                errors.append(f"{peer}: {done.detail}")
-        if errors and not delivered:
-            raise TransferError("; ".join(errors))
-        for error in errors:
-            logger.warning("push of %s failed: %s", path.name, error)
+                failures.append(f"{peer}: {done.detail}")
+        self._num_delivered += len(delivered)
+        self._num_push_failures += len(failures)
+        if failures and not delivered:
+            raise TransferError("; ".join(failures))
+        for failure in failures:
+            logger.warning("push of %s failed: %s", path.name, failure)
         return delivered
 
     # --- receive ----------------------------------------------------------------------
@@ -340,17 +372,20 @@ class Transfers:
     async def _on_push(self, peer: str, request: m.TensorPushRequest) -> m.TransferDone:
         offer = request.offer
         if offer.purpose == "update":
-            sink = self.aggregators.get(offer.job_id)
+            sink = self._update_sinks(offer.job_id)
             if sink is None:
+                self._num_refused += 1
                 return m.TransferDone(
                     transfer_id=offer.transfer_id, ok=False, detail="no aggregator for this job"
                 )
             dest = self._config.work_dir / "incoming" / f"{offer.transfer_id}.safetensors"
             await self._bulk.pull(offer, peer, dest)
             await sink(offer, peer, dest)
+            self._num_received += 1
             return m.TransferDone(transfer_id=offer.transfer_id, ok=True)
-        task = self._jobs.task_for_job(offer.job_id, "train")
+        task = find_task(self._tasks.values(), offer.job_id, "train")
         if task is None:
+            self._num_refused += 1
             return m.TransferDone(transfer_id=offer.transfer_id, ok=False, detail="no task of this job here")
         rel = (
             Path("incoming")
@@ -368,4 +403,5 @@ class Transfers:
                 samples=offer.samples,
             )
         )
+        self._num_received += 1
         return m.TransferDone(transfer_id=offer.transfer_id, ok=True)

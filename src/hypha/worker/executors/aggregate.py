@@ -1,44 +1,35 @@
 """The aggregate executor: the DiLoCo parameter server, running inside the worker.
 
-Owns the global weights and the outer optimizer of one job: it serves the current weights
-to trainers that ask, collects their pseudo-gradients with sample counts, closes a round when
-every expected update arrived (or at the deadline with at least the minimum), computes the
-sample-weighted mean and the Nesterov step (``training/outer.py``, in a thread), evaluates the
-global model on a held-out slice, sends the new weights to every trainer, and reports
-``RoundClosed`` to the scheduler. Late updates of a closed round are dropped and logged.
+Owns the round state machine of one job: it serves the current weights to trainers that ask,
+collects their pseudo-gradients with sample counts, closes a round when every expected update
+arrived (or at the deadline with at least the minimum), has ``aggregate_maths.py`` compute the
+mean and the Nesterov step and evaluate (in a thread), sends the new weights to every trainer,
+and reports ``RoundClosed`` to the scheduler. Late updates of a closed round are dropped and
+logged. ``ParameterServers`` routes the RPCs and pushed updates of every job's server on this
+worker; ``AggregateRunner`` is the job manager's runner of ``runtime = "aggregate"``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 
 from hypha.errors import HyphaError, JobError, NotReadyError
+from hypha.net.host import Node
 from hypha.protocol import codec
 from hypha.protocol import messages as m
 from hypha.protocol.tasks import AggregateTask
-
-if TYPE_CHECKING:
-    import torch
-
-    from hypha.net.host import Node
-    from hypha.worker.jobs import Task
-    from hypha.worker.transfers import Transfers
+from hypha.worker.executors.aggregate_maths import TORCH, OuterMaths, Update
+from hypha.worker.task import Exited, Task
+from hypha.worker.transfers import Transfers, UpdateSink
 
 logger = logging.getLogger(__name__)
-TORCH = trio.CapacityLimiter(1)
-
-
-@dataclass
-class _Update:
-    sender: str
-    samples: int
-    path: Path
 
 
 @dataclass
@@ -46,7 +37,7 @@ class _Round:
     number: int
     expected: set[str] = field(default_factory=set)
     min_updates: int = 1
-    updates: dict[str, _Update] = field(default_factory=dict)
+    updates: dict[str, Update] = field(default_factory=dict)
     first_arrival: float | None = None
     closed: bool = False
     """Set when the round's updates are taken: one arriving later is late, not aggregated."""
@@ -57,70 +48,16 @@ class _Round:
         self.changed = trio.Event()
 
 
-class _Maths:
-    """The torch side, only ever called from a worker thread under ``TORCH``."""
+@dataclass(frozen=True, slots=True)
+class ParameterServerStatistics:
+    """A snapshot of one ``ParameterServer``'s counters (for telemetry)."""
 
-    def __init__(self, doc: AggregateTask, work_dir: Path) -> None:
-        from hypha.training.models import build_task_model
-        from hypha.training.outer import NesterovOuter
-
-        self.model = build_task_model(doc.model, doc.seed, work_dir)
-        self.params: dict[str, torch.Tensor] = {
-            n: p.detach().clone().float() for n, p in self.model.named_parameters()
-        }
-        self.outer = NesterovOuter(lr=doc.outer.lr, momentum=doc.outer.momentum)
-        self.weights_encoding: m.Encoding = "fp32"  # full weights (for newcomers) are exact
-        self.delta_encoding: m.Encoding = doc.encoding  # what each round's broadcast costs
-        self.delta: dict[str, torch.Tensor] = {}
-        self.residual: dict[str, torch.Tensor] = {}
-        self.eval_batches: list[dict[str, torch.Tensor]] = []
-
-    def write_weights(self, path: Path, round_: int, encoding: m.Encoding | None = None) -> None:
-        from hypha.training.compress import save_tensors_file
-
-        save_tensors_file(path, self.params, encoding or self.weights_encoding, {"round": str(round_)})
-
-    def write_delta(self, path: Path, round_: int) -> None:
-        """The round's applied change (already representable exactly in ``delta_encoding``)."""
-        from hypha.training.compress import save_tensors_file
-
-        save_tensors_file(path, self.delta, self.delta_encoding, {"round": str(round_), "kind": "delta"})
-
-    def step(self, updates: list[_Update]) -> None:
-        """Outer step; the change is broadcast encoded, with error feedback kept here.
-
-        Trainers add the decoded change to the weights they hold, and so does this server:
-        every copy stays bit-identical, and what the encoding rounds away is carried into the
-        next round's change instead of being lost.
-        """
-        from hypha.training.compress import decode_tensors, encode_tensors, load_tensors_file
-        from hypha.training.outer import weighted_mean
-
-        tensors = [load_tensors_file(u.path)[0] for u in updates]
-        mean = weighted_mean(tensors, [float(u.samples) for u in updates])  # name -> tensor, float32
-        old = {n: p.clone() for n, p in self.params.items()}  # theta_r, {name: [*shape]}
-        self.outer.step(self.params, mean)  # params: theta_r+1 in full precision
-        wanted = {n: self.params[n] - old[n] + self.residual.get(n, 0.0) for n in old}  # {name: [*shape]}
-        decoded, _ = decode_tensors(encode_tensors(wanted, self.delta_encoding))  # what trainers get
-        self.residual = {n: wanted[n] - decoded[n] for n in old}
-        self.delta = {n: decoded[n] for n in old}
-        self.params = {n: old[n] + decoded[n] for n in old}  # the same fp32 add every trainer does
-
-    def load_eval(self, path: Path, batch_size: int, num_batches: int) -> None:
-        from safetensors.torch import load_file
-
-        from hypha.training.diloco import iter_batches
-
-        tensors = load_file(str(path))
-        self.eval_batches = list(iter_batches(tensors, batch_size, seed=0))[:num_batches]
-
-    def evaluate(self) -> float | None:
-        if not self.eval_batches:
-            return None
-        from hypha.training.diloco import evaluate, load_params
-
-        load_params(self.model, self.params)
-        return float(evaluate(self.model, self.eval_batches))
+    round: int
+    """The round now collecting updates."""
+    num_rounds_closed: int
+    num_updates_aggregated: int
+    num_late: int
+    """Updates dropped because their round had closed (or was not the current one)."""
 
 
 class ParameterServer:
@@ -131,18 +68,32 @@ class ParameterServer:
         self._task = task
         self._doc = doc
         self._transfers = transfers
-        self._maths: _Maths | None = None
+        self._maths: OuterMaths | None = None
         self.round = _Round(0, min_updates=doc.min_updates)
         self._weights: dict[int, Path] = {}
         self._finished = trio.Event()
-        self.num_late = 0
+        self._num_late = self._num_rounds_closed = self._num_aggregated = 0
 
-    # --- requests routed here by the worker's transfer service ---------------------------
+    def statistics(self) -> ParameterServerStatistics:
+        """Return a snapshot of the counters."""
+        return ParameterServerStatistics(
+            round=self.round.number,
+            num_rounds_closed=self._num_rounds_closed,
+            num_updates_aggregated=self._num_aggregated,
+            num_late=self._num_late,
+        )
+
+    @property
+    def num_late(self) -> int:
+        """``statistics().num_late`` (kept for readers of the old attribute)."""
+        return self._num_late
+
+    # --- requests routed here by ``ParameterServers`` ---------------------------------------
 
     async def on_update(self, offer: m.TensorOffer, sender: str, path: Path) -> None:
         current = self.round
         if offer.round != current.number or current.closed:
-            self.num_late += 1
+            self._num_late += 1
             state = "closing" if current.closed else "open"
             logger.warning(
                 "dropped update of round %d from %s: round %d is %s",
@@ -153,7 +104,7 @@ class ParameterServer:
             )
             await trio.Path(path).unlink(missing_ok=True)
             return
-        current.updates[sender] = _Update(sender, offer.samples, path)
+        current.updates[sender] = Update(sender, offer.samples, path)
         if current.first_arrival is None:
             current.first_arrival = trio.current_time()
         current.notify()
@@ -186,7 +137,7 @@ class ParameterServer:
     # --- the loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._maths = await trio.to_thread.run_sync(_Maths, self._doc, self._task.work_dir, limiter=TORCH)
+        self._maths = await trio.to_thread.run_sync(OuterMaths, self._doc, self._task.work_dir, limiter=TORCH)
         await self._publish_weights(0)
         await self._load_eval()
         async with trio.open_nursery() as nursery:
@@ -206,7 +157,7 @@ class ParameterServer:
         await trio.to_thread.run_sync(self._maths.write_weights, path, number, limiter=TORCH)
         self._weights[number] = path
         for old in [n for n in self._weights if n < number - 1]:
-            self._weights.pop(old).unlink(missing_ok=True)
+            await trio.Path(self._weights.pop(old)).unlink(missing_ok=True)
 
     async def _load_eval(self) -> None:
         doc = self._doc
@@ -250,6 +201,8 @@ class ParameterServer:
         await trio.to_thread.run_sync(self._maths.step, updates, limiter=TORCH)
         loss = await trio.to_thread.run_sync(self._maths.evaluate, limiter=TORCH)
         samples = sum(u.samples for u in updates)
+        self._num_rounds_closed += 1
+        self._num_aggregated += len(updates)
         for update in updates:  # next round's updates overwrite these files (same size)
             self._transfers.bulk.recycle(update.path)
         self.round = _Round(
@@ -315,16 +268,89 @@ class ParameterServer:
             logger.error("final model not delivered to the scheduler: %s", exc)
 
 
-async def run_aggregate(node: Node, task: Task, transfers: Transfers | None) -> None:
-    """Run the parameter server of ``task`` until the scheduler says the job is finished."""
-    if transfers is None:
-        raise JobError("this worker has no transfer services")
-    doc = codec.decode_json(task.config, AggregateTask)
-    server = ParameterServer(node, task, doc, transfers)
-    transfers.parameter_servers[doc.job_id] = server
-    transfers.aggregators[doc.job_id] = server.on_update
-    try:
-        await server.run()
-    finally:
-        transfers.parameter_servers.pop(doc.job_id, None)
-        transfers.aggregators.pop(doc.job_id, None)
+@dataclass(frozen=True, slots=True)
+class ParameterServersStatistics:
+    """A snapshot of a ``ParameterServers``' counters (for telemetry)."""
+
+    num_running: int
+    num_unrouted: int
+    """Requests for a job whose parameter server does not run on this worker."""
+
+
+class ParameterServers:
+    """The parameter servers running on this worker, by job, and the routing to them.
+
+    Registers the handlers of the parameter server's requests (``WeightsRequest``,
+    ``RoundPlan``, ``JobFinished``) on the node and is the data plane's update-sink lookup
+    (``update_sink``): a job's pushed updates go to its server while it runs.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self._servers: dict[str, ParameterServer] = {}
+        self._num_unrouted = 0
+        node.rpc.register(m.WeightsRequest, self._on_weights_request, roles={"worker", "scheduler"})
+        node.rpc.register(m.RoundPlan, self._on_round_plan, roles={"scheduler"})
+        node.rpc.register(m.JobFinished, self._on_job_finished, roles={"scheduler"})
+
+    def statistics(self) -> ParameterServersStatistics:
+        """Return a snapshot of the counters."""
+        return ParameterServersStatistics(num_running=len(self._servers), num_unrouted=self._num_unrouted)
+
+    def get(self, job_id: str) -> ParameterServer | None:
+        """The running parameter server of ``job_id``, if this worker has one."""
+        return self._servers.get(job_id)
+
+    def update_sink(self, job_id: str) -> UpdateSink | None:
+        """Where a pushed update of ``job_id`` goes (``transfers.UpdateSinks``)."""
+        server = self._servers.get(job_id)
+        return server.on_update if server is not None else None
+
+    @contextlib.contextmanager
+    def registered(self, job_id: str, server: ParameterServer) -> Iterator[None]:
+        """Route ``job_id``'s requests and updates to ``server`` while the block runs."""
+        self._servers[job_id] = server
+        try:
+            yield
+        finally:
+            self._servers.pop(job_id, None)
+
+    def _server(self, job_id: str) -> ParameterServer:
+        server = self._servers.get(job_id)
+        if server is None:
+            self._num_unrouted += 1
+            raise JobError(f"no parameter server of job {job_id} on this worker")
+        return server
+
+    async def _on_weights_request(self, peer: str, request: m.WeightsRequest) -> m.TensorOffer:
+        return await self._server(request.job_id).on_weights_request(peer, request)
+
+    async def _on_round_plan(self, peer: str, plan: m.RoundPlan) -> m.Ack:
+        await self._server(plan.job_id).on_plan(plan)
+        return m.Ack()
+
+    async def _on_job_finished(self, peer: str, request: m.JobFinished) -> m.Ack:
+        await self._server(request.job_id).on_finished()
+        return m.Ack()
+
+
+class AggregateRunner:
+    """Runs a task's parameter server (the ``Runner`` of ``runtime = "aggregate"``).
+
+    Args:
+        node: the worker's node (the server reports to the scheduler through it).
+        servers: the routing its requests and updates arrive through while it runs.
+        transfers: the worker's data plane (weights out, the held-out slice in).
+    """
+
+    def __init__(self, node: Node, servers: ParameterServers, transfers: Transfers) -> None:
+        self._node = node
+        self._servers = servers
+        self._transfers = transfers
+
+    async def __call__(self, task: Task) -> Exited:
+        """Run the parameter server of ``task`` until the scheduler says the job is finished."""
+        doc = codec.decode_json(task.config, AggregateTask)
+        server = ParameterServer(self._node, task, doc, self._transfers)
+        with self._servers.registered(doc.job_id, server):
+            await server.run()
+        return Exited(0)

@@ -4,6 +4,8 @@ Owns spawning (placeholders ``{SOCKET_PATH}``, ``{WORK_DIR}``, ``{JOB_JSON}`` in
 the same values in ``HYPHA_SOCKET``, ``HYPHA_WORK_DIR``, ``HYPHA_JOB``), forwarding its
 stdout/stderr into the worker's log line by line with the task id, keeping the last lines of
 stderr for failure reports, and stopping it: SIGTERM, then SIGKILL after a grace period.
+``ProcessRunner`` is the job manager's runner of ``runtime = "process"``: it serves the task's
+job bridge (``worker/backend.py`` behind ``hypha.bridge``) while the program runs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from pathlib import Path
 
 import trio
 
-from hypha.errors import JobError
+from hypha.bridge.server import serve_bridge
+from hypha.config.schema import WorkerConfig
+from hypha.errors import ExecutorStartError
+from hypha.net.host import Node
+from hypha.worker.backend import TaskBackend, TaskServices
+from hypha.worker.task import Exited, Task
 
 logger = logging.getLogger(__name__)
 STDERR_TAIL_LINES = 20
@@ -75,7 +82,7 @@ async def run_executor_process(
     returns only once it is gone.
 
     Raises:
-        JobError: the program could not be started.
+        ExecutorStartError: the program could not be started.
     """
     values = {"SOCKET_PATH": str(socket_path), "WORK_DIR": str(work_dir), "JOB_JSON": str(job_json)}
     argv = [cmd, *expand_args(args, values)]
@@ -97,7 +104,7 @@ async def run_executor_process(
             start_new_session=True,
         )
     except OSError as exc:
-        raise JobError(f"cannot start executor {cmd!r}: {exc}") from exc
+        raise ExecutorStartError(f"cannot start executor {cmd!r}: {exc}") from exc
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     prefix = f"[task {task_id[:8]}]"
     logger.info("%s started pid %d: %s", prefix, process.pid, " ".join(argv))
@@ -136,3 +143,43 @@ def _signal_group(process: trio.Process, signum: int) -> None:
         pass
     except PermissionError:
         process.send_signal(signum)
+
+
+class ProcessRunner:
+    """Runs a task's program with its job bridge (the ``Runner`` of ``runtime = "process"``).
+
+    Args:
+        node: the worker's node (the bridge reports progress through it).
+        services: the worker's data plane, for the bridge's fetch and send.
+        config: the worker's section (grace period, throttle).
+    """
+
+    def __init__(self, node: Node, services: TaskServices, config: WorkerConfig) -> None:
+        self._node = node
+        self._services = services
+        self._config = config
+
+    async def __call__(self, task: Task) -> Exited:
+        """Serve the bridge, run the program to its end, stop the bridge.
+
+        Raises:
+            ExecutorStartError: the program could not be started.
+        """
+        backend = TaskBackend(self._node, task, self._services)
+        throttle = self._config.throttle
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_bridge, backend, task.socket_path, task.work_dir)
+            result = await run_executor_process(
+                task.executor.cmd,
+                task.executor.args,
+                socket_path=task.socket_path,
+                work_dir=task.work_dir,
+                job_json=task.job_path,
+                task_id=task.task_id,
+                kill_grace_seconds=self._config.kill_grace_seconds,
+                extra_env={"HYPHA_THROTTLE": str(throttle)} if throttle != 1.0 else None,
+            )
+            nursery.cancel_scope.cancel()
+        if result.exit_code != 0:
+            return Exited(result.exit_code, result.stderr_tail)
+        return Exited(0)

@@ -1,0 +1,100 @@
+"""The parameter server's torch side: global weights, the outer step and evaluation.
+
+Owns one job's model, its fp32 parameters, the Nesterov outer optimizer, the error-feedback
+residual of the encoded broadcast, and the held-out batches. Every method blocks (torch, file
+I/O): ``executors/aggregate.py`` calls them only from a worker thread under ``TORCH``. Torch
+and the training modules are imported lazily, so importing the worker does not load torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from hypha.protocol import messages as m
+from hypha.protocol.tasks import AggregateTask
+
+if TYPE_CHECKING:
+    import torch
+
+TORCH = trio.CapacityLimiter(1)
+"""At most one torch computation of the worker's parameter servers at a time."""
+
+
+@dataclass
+class Update:
+    """One trainer's pseudo-gradient of a round, received into ``path``."""
+
+    sender: str
+    samples: int
+    path: Path
+
+
+class OuterMaths:
+    """The torch side, only ever called from a worker thread under ``TORCH``."""
+
+    def __init__(self, doc: AggregateTask, work_dir: Path) -> None:
+        from hypha.training.models import build_task_model
+        from hypha.training.outer import NesterovOuter
+
+        self.model = build_task_model(doc.model, doc.seed, work_dir)
+        self.params: dict[str, torch.Tensor] = {
+            n: p.detach().clone().float() for n, p in self.model.named_parameters()
+        }
+        self.outer = NesterovOuter(lr=doc.outer.lr, momentum=doc.outer.momentum)
+        self.weights_encoding: m.Encoding = "fp32"  # full weights (for newcomers) are exact
+        self.delta_encoding: m.Encoding = doc.encoding  # what each round's broadcast costs
+        self.delta: dict[str, torch.Tensor] = {}
+        self.residual: dict[str, torch.Tensor] = {}
+        self.eval_batches: list[dict[str, torch.Tensor]] = []
+
+    def write_weights(self, path: Path, round_: int, encoding: m.Encoding | None = None) -> None:
+        from hypha.training.compress import save_tensors_file
+
+        save_tensors_file(path, self.params, encoding or self.weights_encoding, {"round": str(round_)})
+
+    def write_delta(self, path: Path, round_: int) -> None:
+        """The round's applied change (already representable exactly in ``delta_encoding``)."""
+        from hypha.training.compress import save_tensors_file
+
+        save_tensors_file(path, self.delta, self.delta_encoding, {"round": str(round_), "kind": "delta"})
+
+    def step(self, updates: Sequence[Update]) -> None:
+        """Outer step; the change is broadcast encoded, with error feedback kept here.
+
+        Trainers add the decoded change to the weights they hold, and so does this server:
+        every copy stays bit-identical, and what the encoding rounds away is carried into the
+        next round's change instead of being lost.
+        """
+        from hypha.training.compress import decode_tensors, encode_tensors, load_tensors_file
+        from hypha.training.outer import weighted_mean
+
+        tensors = [load_tensors_file(u.path)[0] for u in updates]
+        mean = weighted_mean(tensors, [float(u.samples) for u in updates])  # name -> tensor, float32
+        old = {n: p.clone() for n, p in self.params.items()}  # theta_r, {name: [*shape]}
+        self.outer.step(self.params, mean)  # params: theta_r+1 in full precision
+        wanted = {n: self.params[n] - old[n] + self.residual.get(n, 0.0) for n in old}  # {name: [*shape]}
+        decoded, _ = decode_tensors(encode_tensors(wanted, self.delta_encoding))  # what trainers get
+        self.residual = {n: wanted[n] - decoded[n] for n in old}
+        self.delta = {n: decoded[n] for n in old}
+        self.params = {n: old[n] + decoded[n] for n in old}  # the same fp32 add every trainer does
+
+    def load_eval(self, path: Path, batch_size: int, num_batches: int) -> None:
+        from safetensors.torch import load_file
+
+        from hypha.training.diloco import iter_batches
+
+        tensors = load_file(str(path))
+        self.eval_batches = list(iter_batches(tensors, batch_size, seed=0))[:num_batches]
+
+    def evaluate(self) -> float | None:
+        if not self.eval_batches:
+            return None
+        from hypha.training.diloco import evaluate, load_params
+
+        load_params(self.model, self.params)
+        return float(evaluate(self.model, self.eval_batches))
