@@ -44,13 +44,17 @@ class Candidate:
         return price_per_unit(self.price, self.amount, ResourceWeights())
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class ArbiterStatistics:
-    num_adverts: int = 0
-    num_dropped: int = 0
-    num_offers: int = 0
-    num_accepted: int = 0
-    num_rejected: int = 0
+    """A snapshot of an ``Arbiter``'s counters (for telemetry)."""
+
+    num_adverts: int
+    num_dropped: int
+    """Advertisements this worker could not serve (see ``evaluate``)."""
+    num_offers: int
+    num_accepted: int
+    num_rejected: int
+    """Offers the scheduler refused, never answered, or that could not be kept."""
 
 
 def serves_executors(wanted: Sequence[m.ExecutorDescriptor], executors: Sequence[ExecutorSection]) -> bool:
@@ -109,7 +113,23 @@ class Arbiter:
         self._executors = list(executors)
         self._offer_window = offer_window_seconds
         self._batch_window = batch_window_seconds
-        self.stats = ArbiterStatistics()
+        self._num_adverts = self._num_dropped = self._num_offers = 0
+        self._num_accepted = self._num_rejected = 0
+
+    def statistics(self) -> ArbiterStatistics:
+        """Return a snapshot of the counters."""
+        return ArbiterStatistics(
+            num_adverts=self._num_adverts,
+            num_dropped=self._num_dropped,
+            num_offers=self._num_offers,
+            num_accepted=self._num_accepted,
+            num_rejected=self._num_rejected,
+        )
+
+    @property
+    def stats(self) -> ArbiterStatistics:
+        """``statistics()`` (kept for readers of the old attribute)."""
+        return self.statistics()
 
     def set_batch_window(self, seconds: float) -> None:
         """Change how long advertisements are collected before offering."""
@@ -137,13 +157,13 @@ class Arbiter:
         candidates: list[Candidate] = []
         for item in batch:
             request = item.message
-            self.stats.num_adverts += 1
+            self._num_adverts += 1
             if request.id in seen or item.origin != request.scheduler:
                 continue
             seen.add(request.id)
             verdict = evaluate(request, self._ledger.free(), self._offer, self._executors, now_unix)
             if isinstance(verdict, str):
-                self.stats.num_dropped += 1
+                self._num_dropped += 1
                 logger.debug("not offering for %s: %s", request.id, verdict)
                 continue
             candidates.append(verdict)
@@ -170,7 +190,7 @@ class Arbiter:
             resources=candidate.amount.to_spec(),
             expires_at=time.time() + self._offer_window,
         )
-        self.stats.num_offers += 1
+        self._num_offers += 1
         decision: m.OfferDecision | None = None
         try:
             with trio.fail_after(self._offer_window):
@@ -186,12 +206,12 @@ class Arbiter:
             try:
                 self._ledger.promote(lease_id, request.scheduler, decision.lease_seconds)
                 self._leases.remember_duration(lease_id, decision.lease_seconds)
-                self.stats.num_accepted += 1
+                self._num_accepted += 1
                 logger.info("leased to %s (%s) at %.3f", request.scheduler, lease_id, candidate.price)
                 self._leases.changed()
                 return
             except LeaseError as exc:
                 logger.warning("accepted offer %s could not be kept: %s", lease_id, exc)
-        self.stats.num_rejected += 1
+        self._num_rejected += 1
         self._ledger.remove(lease_id)
         self._leases.changed()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -26,6 +27,16 @@ OnLeaseEnd = Callable[[str, str], Awaitable[None]]
 """``async def on_end(lease_id, reason)``: stop what runs under the lease."""
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerLeaseStatistics:
+    """A snapshot of a ``WorkerLeases``' counters (for telemetry; the ledger has its own)."""
+
+    num_renewed: int
+    num_released: int
+    num_expired: int
+    """Accepted (renewable) leases that lapsed without their holder releasing them."""
+
+
 class WorkerLeases:
     """The ledger of this worker plus the protocol around it."""
 
@@ -35,9 +46,20 @@ class WorkerLeases:
         self._durations: dict[str, float] = {}
         self._changed = trio.Event()
         self._on_end: list[OnLeaseEnd] = []
-        self.num_expired = 0
+        self._num_renewed = self._num_released = self._num_expired = 0
         node.rpc.register(m.RenewLeaseRequest, self._renew, roles={"scheduler"})
         node.rpc.register(m.ReleaseLeaseRequest, self._release, roles={"scheduler"})
+
+    def statistics(self) -> WorkerLeaseStatistics:
+        """Return a snapshot of the counters."""
+        return WorkerLeaseStatistics(
+            num_renewed=self._num_renewed, num_released=self._num_released, num_expired=self._num_expired
+        )
+
+    @property
+    def num_expired(self) -> int:
+        """``statistics().num_expired`` (kept for readers of the old attribute)."""
+        return self._num_expired
 
     def on_lease_end(self, callback: OnLeaseEnd) -> None:
         self._on_end.append(callback)
@@ -69,6 +91,7 @@ class WorkerLeases:
         self.held_by(request.lease_id, peer)
         seconds = self._durations.get(request.lease_id, lease.expires_at - trio.current_time())
         self.ledger.renew(request.lease_id, peer, seconds)
+        self._num_renewed += 1
         self.changed()
         return m.LeaseRenewed(lease_id=request.lease_id, lease_seconds=seconds)
 
@@ -77,6 +100,7 @@ class WorkerLeases:
             self.held_by(request.lease_id, peer)
             self.ledger.remove(request.lease_id, peer)
             self._durations.pop(request.lease_id, None)
+            self._num_released += 1
             self.changed()
             await self._ended(request.lease_id, "released by its holder")
         return m.Ack()
@@ -96,6 +120,6 @@ class WorkerLeases:
             for lease in self.ledger.pop_expired():
                 self._durations.pop(lease.lease_id, None)
                 if lease.kind is LeaseKind.RENEWABLE:
-                    self.num_expired += 1
+                    self._num_expired += 1
                     logger.warning("lease %s of %s expired", lease.lease_id, lease.holder)
                     await self._ended(lease.lease_id, "lease expired")
