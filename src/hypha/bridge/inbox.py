@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import trio
 
@@ -78,6 +79,18 @@ class Subscription:
         return left
 
 
+@dataclass(frozen=True, slots=True)
+class InboxStatistics:
+    """A snapshot of an ``Inbox``'s counters (for telemetry)."""
+
+    num_delivered: int
+    num_pending: int
+    """Files waiting for a subscriber."""
+    num_subscribers: int
+    num_handed_on: int
+    """Files an ended stream did not deliver, handed to another stream or queued again."""
+
+
 class Inbox:
     """The queue of files pushed to one task and its open subscriptions."""
 
@@ -86,6 +99,16 @@ class Inbox:
         self._subscribers: list[Subscription] = []
         self._next_seq = 0
         self._closed = False
+        self._num_handed_on = 0
+
+    def statistics(self) -> InboxStatistics:
+        """Return a snapshot of the counters."""
+        return InboxStatistics(
+            num_delivered=self._next_seq,
+            num_pending=len(self._pending),
+            num_subscribers=len(self._subscribers),
+            num_handed_on=self._num_handed_on,
+        )
 
     @property
     def num_subscribers(self) -> int:
@@ -127,6 +150,7 @@ class Inbox:
         finally:
             self._subscribers.remove(subscription)
             left = subscription.untaken()
+            self._num_handed_on += len(left)
             if not self._subscribers:
                 self._pending[:0] = left
             else:

@@ -1,9 +1,10 @@
 """The job bridge HTTP server: a small ASGI app served by hypercorn on a Unix socket.
 
-Owns routing, body limits, server-sent events, the mapping of backend exceptions to status
-codes, and the socket's lifetime (mode 0600, removed on exit). It does not know how files
-are fetched or sent: every route calls ``BridgeBackend``. Every rejected request is answered
-with a JSON ``ErrorBody`` and logged at WARNING; no input can stop the server.
+Owns routing, body limits, server-sent events, and the socket's lifetime (mode 0600,
+removed on exit); the ASGI plumbing and the mapping of backend exceptions to status codes
+are ``bridge/asgi.py``. It does not know how files are fetched or sent: every route calls
+``BridgeBackend``. Every rejected request is answered with a JSON ``ErrorBody`` and logged at
+WARNING; no input can stop the server.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import socket
 import stat
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeVar
@@ -23,16 +24,28 @@ from typing import TYPE_CHECKING, Final, TypeVar
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from hypercorn.utils import wrap_app
 
-from hypha import errors
 from hypha.bridge.api import (
     MAX_IDLE_SECONDS,
     SSE_KEEPALIVE_SECONDS,
     BridgeBackend,
     openapi_document,
     resolve_in,
+)
+from hypha.bridge.asgi import (
+    CLOSE,
+    SSE_HEADERS,
+    Exchange,
+    Handler,
+    Headers,
+    HungUp,
+    Reject,
+    cancel_on_disconnect,
+    classify,
+    lifespan,
+    unless_hung_up,
 )
 from hypha.bridge.inbox import Subscription
 from hypha.protocol import bridge as b
@@ -50,75 +63,21 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 _MAX_DRAIN_BYTES: Final = 64 * 1024 * 1024
 """An oversized body is read and discarded up to this much so the client sees the 413."""
 
-_JSON: Final = b"application/json"
+_MAX_UNIX_PATH_BYTES: Final = 107
 T = TypeVar("T")
-Headers = list[tuple[bytes, bytes]]
 
 
-class _Reject(Exception):
-    """Answer the current request with ``status`` and an ``ErrorBody``."""
+@dataclass(frozen=True, slots=True)
+class BridgeStatistics:
+    """A snapshot of a ``BridgeApp``'s counters (for telemetry)."""
 
-    def __init__(self, status: int, error: str, detail: str, headers: Headers | None = None):
-        super().__init__(f"{status} {error}: {detail}")
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.headers = headers or []
-
-
-class _HungUp(Exception):
-    """The client disconnected before the answer was ready: there is nobody to answer."""
-
-
-class _Exchange:
-    """One request: its scope, the ASGI callables and whether the response has started."""
-
-    def __init__(self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable):
-        self.method = scope["method"]
-        self.path = scope["path"]
-        self.query = scope["query_string"]
-        self.headers = scope["headers"]
-        self.receive = receive
-        self._send = send
-        self.started = False
-
-    async def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
-        self.started = True
-        await self._send({"type": "http.response.start", "status": status, "headers": headers})
-
-    async def body(self, data: bytes, *, more: bool) -> None:
-        await self._send({"type": "http.response.body", "body": data, "more_body": more})
-
-    async def reply(
-        self, status: int, data: bytes, content_type: bytes = _JSON, extra: Headers | None = None
-    ) -> None:
-        headers = [(b"content-type", content_type), (b"content-length", str(len(data)).encode())]
-        await self.start(status, headers + (extra or []))
-        await self.body(data, more=False)
-
-
-Handler = Callable[[_Exchange], Awaitable[None]]
-
-
-def _classify(exc: BaseException) -> tuple[int, str]:
-    """Map a backend exception to an HTTP status and an ``ErrorBody.error`` code."""
-    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        return _classify(exc.exceptions[0])
-    if isinstance(exc, errors.NotReadyError):
-        return 503, "not_ready"
-    if isinstance(exc, errors.DataError):
-        return 400, "data_error"
-    if isinstance(exc, ValueError):
-        return 400, "invalid_request"
-    if isinstance(exc, errors.LeaseError | errors.JobError):
-        return 409, "conflict"
-    if isinstance(exc, errors.TransferError):
-        return 502, "transfer_error"
-    if isinstance(exc, errors.NetworkError | CodecProtocolError):
-        return 502, "network_error"
-    if isinstance(exc, OSError):
-        return 500, "io_error"
-    return 500, "internal_error"
+    num_requests: int
+    num_refused: int
+    """Requests answered with an ``ErrorBody`` (or ended mid-stream by a failure)."""
+    num_hung_up: int
+    """Requests whose executor disconnected before the answer was ready."""
+    num_events: int
+    """Received files written to receive streams."""
 
 
 class BridgeApp:
@@ -146,6 +105,7 @@ class BridgeApp:
         self._max_body_bytes = max_body_bytes
         self._keepalive_seconds = keepalive_seconds
         self._openapi = encode_json(openapi_document())
+        self._num_requests = self._num_refused = self._num_hung_up = self._num_events = 0
         self._routes: dict[str, dict[str, Handler]] = {
             "/job": {"GET": self._job},
             "/resources/fetch": {"POST": self._fetch},
@@ -157,34 +117,46 @@ class BridgeApp:
             "/openapi.json": {"GET": self._openapi_json},
         }
 
+    def statistics(self) -> BridgeStatistics:
+        """Return a snapshot of the counters."""
+        return BridgeStatistics(
+            num_requests=self._num_requests,
+            num_refused=self._num_refused,
+            num_hung_up=self._num_hung_up,
+            num_events=self._num_events,
+        )
+
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
         elif scope["type"] == "http":
-            await self._handle(_Exchange(scope, receive, send))
+            await self._handle(Exchange(scope, receive, send))
 
-    async def _handle(self, ex: _Exchange) -> None:
+    async def _handle(self, ex: Exchange) -> None:
         # The per-request boundary: nothing a client sends may escape from here.
+        self._num_requests += 1
         try:
             methods = self._routes.get(ex.path)
             if methods is None:
-                raise _Reject(404, "not_found", f"no route {ex.path}")
+                raise Reject(404, "not_found", f"no route {ex.path}")
             handler = methods.get(ex.method)
             if handler is None:
                 allow = [(b"allow", ", ".join(methods).encode())]
-                raise _Reject(405, "method_not_allowed", f"{ex.method} {ex.path}", allow)
+                raise Reject(405, "method_not_allowed", f"{ex.method} {ex.path}", allow)
             await handler(ex)
-        except _HungUp:
+        except HungUp:
+            self._num_hung_up += 1
             logger.warning("bridge %s %s: the executor hung up before the answer", ex.method, ex.path)
-        except _Reject as exc:
+        except Reject as exc:
             await self._refuse(ex, exc.status, exc.error, exc.detail, exc.headers)
         except Exception as exc:
-            status, code = _classify(exc)
+            status, code = classify(exc)
             if status == 500:
                 logger.error("bridge %s %s failed", ex.method, ex.path, exc_info=exc)
             await self._refuse(ex, status, code, str(exc) or type(exc).__name__, [])
 
-    async def _refuse(self, ex: _Exchange, status: int, error: str, detail: str, headers: Headers) -> None:
+    async def _refuse(self, ex: Exchange, status: int, error: str, detail: str, headers: Headers) -> None:
+        self._num_refused += 1
         logger.warning("bridge refused %s %s: %d %s: %s", ex.method, ex.path, status, error, detail)
         if ex.started:
             return  # mid-stream (SSE): nothing more can be said; the stream just ends
@@ -194,18 +166,18 @@ class BridgeApp:
         except Exception as exc:  # the client is gone; the refusal is already logged
             logger.debug("bridge could not answer %s %s: %r", ex.method, ex.path, exc)
 
-    async def _read_body(self, ex: _Exchange) -> bytes:
+    async def _read_body(self, ex: Exchange) -> bytes:
         """Read the request body, refusing (413) past ``max_body_bytes`` without keeping it."""
         for name, value in ex.headers:
             too_big = value.isdigit() and int(value) > _MAX_DRAIN_BYTES
             if name.lower() == b"content-length" and too_big:
-                raise _Reject(413, "payload_too_large", "body too large", _CLOSE)
+                raise Reject(413, "payload_too_large", "body too large", CLOSE)
         chunks: list[bytes] = []
         num_bytes = 0
         while True:
             message = await ex.receive()
             if message["type"] != "http.request":
-                raise _HungUp
+                raise HungUp
             num_bytes += len(message["body"])
             if num_bytes <= self._max_body_bytes:
                 chunks.append(message["body"])
@@ -215,50 +187,50 @@ class BridgeApp:
                 break
         if num_bytes > self._max_body_bytes:
             detail = f"body exceeds {self._max_body_bytes} bytes"
-            raise _Reject(413, "payload_too_large", detail, _CLOSE)
+            raise Reject(413, "payload_too_large", detail, CLOSE)
         return b"".join(chunks)
 
-    async def _decode(self, ex: _Exchange, kind: type[T]) -> T:
+    async def _decode(self, ex: Exchange, kind: type[T]) -> T:
         data = await self._read_body(ex)
         try:
             return decode_json(data, kind)
         except CodecProtocolError as exc:
-            raise _Reject(400, "invalid_request", str(exc)) from exc
+            raise Reject(400, "invalid_request", str(exc)) from exc
 
     # --- routes ---------------------------------------------------------------------------
 
-    async def _job(self, ex: _Exchange) -> None:
+    async def _job(self, ex: Exchange) -> None:
         await ex.reply(200, self._backend.job_document())
 
-    async def _fetch(self, ex: _Exchange) -> None:
+    async def _fetch(self, ex: Exchange) -> None:
         request = await self._decode(ex, b.FetchRequest)
-        files = await _unless_hung_up(ex, partial(self._backend.fetch, request.ref, self._work_dir))
+        files = await unless_hung_up(ex, partial(self._backend.fetch, request.ref, self._work_dir))
         for fetched in files:
             try:
                 resolve_in(self._work_dir, fetched.path)
             except ValueError as exc:  # a backend bug, not the caller's
-                raise _Reject(500, "internal_error", f"backend returned {exc}") from exc
+                raise Reject(500, "internal_error", f"backend returned {exc}") from exc
         await ex.reply(200, encode_json(b.FetchResponse(files=files)))
 
-    async def _send(self, ex: _Exchange) -> None:
+    async def _send(self, ex: Exchange) -> None:
         request = await self._decode(ex, b.SendRequest)
         path = resolve_in(self._work_dir, request.path)
         if not await trio.Path(path).is_file():
-            raise _Reject(400, "invalid_request", f"{request.path!r} is not a file")
-        delivered = await _unless_hung_up(ex, partial(self._backend.send, request, path))
+            raise Reject(400, "invalid_request", f"{request.path!r} is not a file")
+        delivered = await unless_hung_up(ex, partial(self._backend.send, request, path))
         await ex.reply(200, encode_json(b.SendResponse(delivered=delivered)))
 
-    async def _receive(self, ex: _Exchange) -> None:
+    async def _receive(self, ex: Exchange) -> None:
         idle = _idle_seconds(ex.query)
         with self._backend.subscribe_received() as subscription:
-            await ex.start(200, _SSE_HEADERS)
+            await ex.start(200, SSE_HEADERS)
             await ex.body(b": subscribed\n\n", more=True)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, ex, nursery.cancel_scope)
+                nursery.start_soon(cancel_on_disconnect, ex, nursery.cancel_scope)
                 await self._pump(ex, subscription, idle)
                 nursery.cancel_scope.cancel()
 
-    async def _pump(self, ex: _Exchange, subscription: Subscription, idle: float) -> None:
+    async def _pump(self, ex: Exchange, subscription: Subscription, idle: float) -> None:
         """Write files as SSE events until the channel ends or ``idle`` seconds pass without one.
 
         A file whose event could not be written (the executor hung up) is given back, so the
@@ -287,64 +259,29 @@ class BridgeApp:
             except BaseException:
                 subscription.give_back(received)
                 raise
+            self._num_events += 1
             idle_until = trio.current_time() + idle
 
-    async def _progress(self, ex: _Exchange) -> None:
+    async def _progress(self, ex: Exchange) -> None:
         data = await self._read_body(ex)
         try:
             report = b.decode_progress(data)
         except CodecProtocolError as exc:
-            raise _Reject(400, "invalid_request", str(exc)) from exc
-        instruction = await _unless_hung_up(ex, partial(self._backend.progress, report))
+            raise Reject(400, "invalid_request", str(exc)) from exc
+        instruction = await unless_hung_up(ex, partial(self._backend.progress, report))
         await ex.reply(200, encode_json(instruction))
 
-    async def _metrics(self, ex: _Exchange) -> None:
+    async def _metrics(self, ex: Exchange) -> None:
         await self._backend.metrics(await self._decode(ex, b.MetricsBody))
         await ex.start(204, [])
         await ex.body(b"", more=False)
 
-    async def _health(self, ex: _Exchange) -> None:
+    async def _health(self, ex: Exchange) -> None:
         body = b.HealthBody(ok=True, task_id=self._backend.task_id)
         await ex.reply(200, encode_json(body))
 
-    async def _openapi_json(self, ex: _Exchange) -> None:
+    async def _openapi_json(self, ex: Exchange) -> None:
         await ex.reply(200, self._openapi)
-
-
-_MAX_UNIX_PATH_BYTES: Final = 107
-_CLOSE: Final[Headers] = [(b"connection", b"close")]
-_SSE_HEADERS: Final[Headers] = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-]
-
-
-async def _unless_hung_up(ex: _Exchange, call: Callable[[], Awaitable[T]]) -> T:
-    """Await ``call()``, cancelling it if the client disconnects first.
-
-    Raises:
-        _HungUp: the client went away and ``call`` was cancelled.
-        Exception: whatever ``call`` raised, unwrapped.
-    """
-    results: list[T] = []
-    failures: list[Exception] = []
-    async with trio.open_nursery() as nursery:
-
-        async def run_call() -> None:
-            try:
-                results.append(await call())
-            except Exception as exc:  # handed on below, outside the nursery's group
-                failures.append(exc)
-            finally:
-                nursery.cancel_scope.cancel()
-
-        nursery.start_soon(_cancel_on_disconnect, ex, nursery.cancel_scope)
-        nursery.start_soon(run_call)
-    if failures:
-        raise failures[0]
-    if not results:
-        raise _HungUp
-    return results[0]
 
 
 def _idle_seconds(query: bytes) -> float:
@@ -352,10 +289,10 @@ def _idle_seconds(query: bytes) -> float:
     try:
         values = urllib.parse.parse_qs(query.decode("ascii"), strict_parsing=bool(query))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise _Reject(400, "invalid_request", f"malformed query string: {exc}") from exc
+        raise Reject(400, "invalid_request", f"malformed query string: {exc}") from exc
     unknown = sorted(set(values) - {"idle"})
     if unknown:
-        raise _Reject(400, "invalid_request", f"unknown query parameters: {', '.join(unknown)}")
+        raise Reject(400, "invalid_request", f"unknown query parameters: {', '.join(unknown)}")
     if "idle" not in values:
         return math.inf
     text = values["idle"][-1]
@@ -365,24 +302,8 @@ def _idle_seconds(query: bytes) -> float:
         idle = math.nan
     if not 0 < idle <= MAX_IDLE_SECONDS:
         detail = f"idle must be in (0, {MAX_IDLE_SECONDS:g}] seconds, got {text!r}"
-        raise _Reject(400, "invalid_request", detail)
+        raise Reject(400, "invalid_request", detail)
     return idle
-
-
-async def _cancel_on_disconnect(ex: _Exchange, scope: trio.CancelScope) -> None:
-    while (await ex.receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
-
-
-async def _lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def _bind_unix(socket_path: Path, backlog: int) -> socket.socket:
@@ -441,7 +362,7 @@ async def serve_bridge(
     config.accesslog = None
     config.errorlog = logging.getLogger(f"{__name__}.hypercorn")
     config.keep_alive_timeout = 60.0
-    sock = _bind_unix(socket_path, config.backlog)
+    sock = await trio.to_thread.run_sync(_bind_unix, socket_path, config.backlog)
     try:
         serve = partial(worker_serve, wrap_app(app, config.wsgi_max_body_size, "asgi"), config)
         async with trio.open_nursery() as nursery:
@@ -450,5 +371,10 @@ async def serve_bridge(
             task_status.started(socket_path)
     finally:
         sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_remove_socket, socket_path)
+
+
+def _remove_socket(socket_path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
