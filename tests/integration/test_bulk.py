@@ -53,6 +53,15 @@ async def settle(predicate: Callable[[], bool]) -> None:
         await wait_until(predicate)
 
 
+def test_bulk_package_exports_what_other_packages_import() -> None:
+    import hypha.net.bulk as bulk
+
+    assert sorted(bulk.__all__) == sorted(
+        ["BulkService", "BulkStatistics", "CHANGED", "CHUNK_BYTES", "STREAM_CHUNK_BYTES"]
+    )
+    assert all(hasattr(bulk, name) for name in bulk.__all__)
+
+
 async def test_direct_transfer_is_checked_and_token_used_once(
     pki: Pki, payload: Path, tmp_path: Path
 ) -> None:
