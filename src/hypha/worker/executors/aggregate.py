@@ -178,21 +178,22 @@ class ParameterServer:
         except HyphaError as exc:
             logger.warning("no held-out slice for evaluation: %s", exc)
 
+    def _deadline(self, current: _Round) -> float:
+        """When ``current`` closes without every expected update (inf while too few are in)."""
+        if current.first_arrival is None or len(current.updates) < max(1, current.min_updates):
+            return math.inf
+        return current.first_arrival + self._doc.round_deadline_seconds
+
     def _ready(self, current: _Round) -> bool:
-        got = set(current.updates)
-        if current.expected and current.expected <= got:
+        if current.expected and current.expected <= set(current.updates):
             return True
-        if current.first_arrival is None or len(got) < max(1, current.min_updates):
-            return False
-        return trio.current_time() >= current.first_arrival + self._doc.round_deadline_seconds
+        return trio.current_time() >= self._deadline(current)
 
     async def _close_round(self) -> None:
         current = self.round
         while not self._ready(current):
-            deadline = math.inf
-            if current.first_arrival is not None:
-                deadline = current.first_arrival + self._doc.round_deadline_seconds
-            with trio.move_on_at(deadline):
+            # No deadline while too few updates are in: a past one would make this loop spin.
+            with trio.move_on_at(self._deadline(current)):
                 await current.changed.wait()
         current.closed = True  # before the first await: a later update must not be lost silently
         # In worker order, not arrival order: the float sums are then reproducible.

@@ -1,0 +1,138 @@
+"""The worker's lease expiry, renewal and release, in virtual time.
+
+Runs on trio's ``MockClock`` (``autojump_clock``), so each expiry is checked at its exact
+instant. The node is a fake that keeps the RPC handlers ``WorkerLeases`` registers; the
+ledger and the expiry watcher are the real ones. Expiry with real nodes and a real executor
+is in ``tests/integration/test_execution.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from hypha.errors import LeaseError
+from hypha.protocol import messages as m
+from hypha.resources import Resources
+from hypha.worker.leases import WorkerLeases, WorkerLeaseStatistics
+
+Handler = Callable[[str, Any], Awaitable[Any]]
+
+
+class FakeRpc:
+    """Keeps the handlers registered on it, by message type."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[type, Handler] = {}
+
+    def register(self, kind: type, handler: Handler, **kwargs: object) -> None:
+        self.handlers[kind] = handler
+
+
+class FakeNode:
+    """The part of ``Node`` that ``WorkerLeases`` uses."""
+
+    def __init__(self) -> None:
+        self.rpc = FakeRpc()
+
+    async def call(self, peer: str, msg: m.Msg) -> Any:
+        return await self.rpc.handlers[type(msg)](peer, msg)
+
+
+CAPACITY = Resources(cpu=2, memory=2)
+ONE = Resources(cpu=1, memory=1)
+
+
+async def open_leases(nursery: trio.Nursery) -> tuple[FakeNode, WorkerLeases, list[tuple[str, str, float]]]:
+    node = FakeNode()
+    leases = WorkerLeases(node, CAPACITY)  # type: ignore[arg-type]
+    ended: list[tuple[str, str, float]] = []
+
+    async def on_end(lease_id: str, reason: str) -> None:
+        ended.append((lease_id, reason, trio.current_time()))
+
+    leases.on_lease_end(on_end)
+    await nursery.start(leases.run)
+    return node, leases, ended
+
+
+def grant(leases: WorkerLeases, lease_id: str, seconds: float) -> None:
+    """What the arbiter does when the scheduler accepts an offer."""
+    leases.ledger.reserve(lease_id, "sched", ONE, 5.0)
+    leases.ledger.promote(lease_id, "sched", seconds)
+    leases.remember_duration(lease_id, seconds)
+    leases.changed()
+
+
+async def test_lease_expires_at_its_deadline_and_stops_its_tasks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        _node, leases, ended = await open_leases(nursery)
+        start = trio.current_time()
+        grant(leases, "l1", 30.0)
+        await trio.sleep(29.0)
+        assert ended == []
+        assert leases.ledger.free() == Resources(cpu=1, memory=1)
+        await trio.sleep(2.0)
+        assert ended == [("l1", "lease expired", start + 30.0)]
+        assert leases.ledger.free() == CAPACITY
+        assert leases.statistics() == WorkerLeaseStatistics(num_renewed=0, num_released=0, num_expired=1)
+        assert leases.num_expired == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_renewal_moves_the_expiry_by_the_granted_duration(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        node, leases, ended = await open_leases(nursery)
+        grant(leases, "l1", 30.0)
+        await trio.sleep(20.0)
+        renewed_at = trio.current_time()
+        reply = await node.call("sched", m.RenewLeaseRequest(lease_id="l1"))
+        assert reply == m.LeaseRenewed(lease_id="l1", lease_seconds=30.0)
+        await trio.sleep(29.0)
+        assert ended == []  # past the first deadline, before the renewed one
+        await trio.sleep(2.0)
+        assert ended == [("l1", "lease expired", renewed_at + 30.0)]
+        # Renewing a lapsed lease tells the holder it is gone instead of reviving it.
+        gone = await node.call("sched", m.RenewLeaseRequest(lease_id="l1"))
+        assert isinstance(gone, m.LeaseGone)
+        assert leases.statistics().num_renewed == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_release_ends_the_lease_at_once_and_only_for_its_holder(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        node, leases, ended = await open_leases(nursery)
+        grant(leases, "l1", 30.0)
+        with pytest.raises(LeaseError, match="not held by forger"):
+            await node.call("forger", m.ReleaseLeaseRequest(lease_id="l1"))
+        await trio.sleep(10.0)
+        await node.call("sched", m.ReleaseLeaseRequest(lease_id="l1"))
+        assert ended == [("l1", "released by its holder", trio.current_time())]
+        await trio.sleep(60.0)
+        assert len(ended) == 1  # the watcher does not end it a second time
+        assert leases.statistics() == WorkerLeaseStatistics(num_renewed=0, num_released=1, num_expired=0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_unanswered_offer_frees_its_resources_without_ending_tasks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        _node, leases, ended = await open_leases(nursery)
+        leases.ledger.reserve("offer", "sched", ONE, 5.0)  # temporary, never promoted
+        leases.changed()
+        await trio.sleep(6.0)
+        assert leases.ledger.free() == CAPACITY
+        assert ended == []
+        assert leases.statistics().num_expired == 0
+        nursery.cancel_scope.cancel()
