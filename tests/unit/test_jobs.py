@@ -4,8 +4,8 @@ The node is a fake that keeps the RPC handlers and answers (or fails) the worker
 to the scheduler; the lease ledger, the job manager and, for the missing program, the process
 runner with its bridge are the real ones. Retries run on trio's ``MockClock``; it jumps
 only after half a second of real idleness, because the job manager makes and removes task
-folders in threads and a clock that jumped while one runs would end the lease. The same paths with real nodes are in
-``tests/integration/test_execution.py``.
+folders in threads and a clock that jumped while one runs would end the lease. The same
+paths with real nodes are in ``tests/integration/test_execution.py``.
 """
 
 from __future__ import annotations
@@ -156,9 +156,7 @@ async def test_executor_that_ran_reports_its_exit_code_and_no_code(
     )
 
 
-async def test_status_that_got_no_answer_is_sent_again(
-    tmp_path: Path, clock: trio.testing.MockClock
-) -> None:
+async def test_status_that_got_no_answer_is_sent_again(tmp_path: Path, clock: trio.testing.MockClock) -> None:
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as nursery:
             node, _leases, jobs = await start_jobs(nursery, tmp_path, lambda node, config: Quick())

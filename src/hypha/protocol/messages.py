@@ -147,11 +147,6 @@ class Refused(Msg, frozen=True, kw_only=True):
     reason: str
 
 
-class CancelTask(Msg, frozen=True, kw_only=True):
-    lease_id: str
-    task_id: str
-
-
 class TaskStatus(Msg, frozen=True, kw_only=True):
     """A task changed state (worker -> scheduler)."""
 
@@ -385,7 +380,6 @@ Message = (
     | DispatchTask
     | Dispatched
     | Refused
-    | CancelTask
     | TaskStatus
     | ProgressRequest
     | Continue

@@ -1,11 +1,12 @@
 """The job manager: runs the tasks dispatched under this worker's leases.
 
-Owns ``DispatchTask`` and ``CancelTask`` from the lease holder (anyone else is refused), a
-private work directory (0700) per task, handing each task to the runner of its executor's
-runtime (``executors/process.py`` for user programs, ``executors/aggregate.py`` for the
-parameter server; the mapping is built in ``worker/node.py``), reporting ``TaskStatus`` to
-the scheduler (retried while the lease lasts, so no state change is lost to one failed
-send), and stopping tasks when their lease ends. What a task may fetch and send is
+Owns ``DispatchTask`` from the lease holder (anyone else is refused), a private work
+directory (0700) per task, handing each task to the runner of its executor's runtime
+(``executors/process.py`` for user programs, ``executors/aggregate.py`` for the parameter
+server; the mapping is built in ``worker/node.py``), reporting ``TaskStatus`` to the
+scheduler (retried while the lease lasts, so no state change is lost to one failed send),
+and stopping tasks when their lease ends: the scheduler stops a task by releasing its
+lease, there is no separate cancel message. What a task may fetch and send is
 ``worker/backend.py``'s job.
 """
 
@@ -82,7 +83,6 @@ class JobManager:
         self._num_started = self._num_finished = self._num_failed = self._num_cancelled = 0
         self._num_statuses_lost = 0
         node.rpc.register(m.DispatchTask, self._dispatch, roles={"scheduler"})
-        node.rpc.register(m.CancelTask, self._cancel, roles={"scheduler"})
         leases.on_lease_end(self._lease_ended)
 
     def statistics(self) -> JobStatistics:
@@ -137,14 +137,6 @@ class JobManager:
         self._num_started += 1
         self._nursery.start_soon(self._run_task, task)
         return m.Dispatched(task_id=task.task_id)
-
-    async def _cancel(self, peer: str, request: m.CancelTask) -> m.Ack:
-        self._leases.held_by(request.lease_id, peer)
-        task = self.tasks.get(request.task_id)
-        if task is not None and task.lease_id == request.lease_id:
-            task.state = "cancelled"
-            task.scope.cancel()
-        return m.Ack()
 
     async def _lease_ended(self, lease_id: str, reason: str) -> None:
         for task in list(self.tasks.values()):
