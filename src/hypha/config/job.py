@@ -8,6 +8,7 @@ configs (unknown keys and wrong types are errors naming the key and file).
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,10 @@ class JobSpec:
 
     name: str = doc("Job name; also the default output directory runs/<name>.", "job")
     dataset: str = doc("Dataset name announced by a data node.", "stdlib-text")
+    dataset_sha256: str | None = doc(
+        "Pin the dataset: the sha256 of its manifest; any other manifest under that name is refused.",
+        None,
+    )
     rounds: int = doc("Outer rounds (synchronisations).", 10)
     samples_per_round: int = doc("Samples all trainers together process per round.", 1024)
     batch_size: int = doc("Samples per inner batch on each trainer.", 16)
@@ -123,6 +128,8 @@ class JobSpec:
                 raise ValueError(f"{key}: must be positive")
         if self.fixed_inner_steps is not None and self.fixed_inner_steps <= 0:
             raise ValueError("fixed_inner_steps: must be positive")
+        if self.dataset_sha256 is not None and re.fullmatch(r"[0-9a-f]{64}", self.dataset_sha256) is None:
+            raise ValueError("dataset_sha256: must be 64 lowercase hex digits (a manifest's sha256)")
         if self.parameter_server.target != 1:
             raise ValueError("parameter_server.target: exactly one parameter server is supported")
 

@@ -235,6 +235,19 @@ class RoundPlan(Msg, frozen=True, kw_only=True):
     round: int
     trainers: list[str]
     min_updates: int
+    max_samples: int = 0
+    """Most samples one trainer's update may claim this round (0: no bound given)."""
+
+
+class JobMemberRequest(Msg, frozen=True, kw_only=True):
+    """A worker asks a job's scheduler whether ``peer`` currently holds a task in ``job_id``."""
+
+    job_id: str
+    peer: str
+
+
+class JobMemberResponse(Msg, frozen=True, kw_only=True):
+    member: bool
 
 
 class WeightsRequest(Msg, frozen=True, kw_only=True):
@@ -387,6 +400,8 @@ Message = (
     | Done
     | RoundClosed
     | RoundPlan
+    | JobMemberRequest
+    | JobMemberResponse
     | WeightsRequest
     | JobFinished
     | DatasetRecord
