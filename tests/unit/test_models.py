@@ -20,6 +20,7 @@ from hypha.training.models import (
     build_hf_model,
     build_model,
     build_task_model,
+    check_task_model,
 )
 
 SMALL_GPT = {"seq_len": 16, "dim": 32, "num_heads": 2, "num_layers": 2}
@@ -217,3 +218,30 @@ def test_batch_loss_casts_dtypes_and_checks_keys():
     assert batch_loss(gpt, byte_batch).shape == ()
     with pytest.raises(ValueError, match="input_ids"):
         batch_loss(gpt, {"inputs": torch.ones(2, 16)})
+
+
+def test_check_task_model_counts_on_the_meta_device_what_trainers_build(tmp_path: Path) -> None:
+    doc = ModelDoc(name="gpt", options={k: float(v) for k, v in SMALL_GPT.items()})
+    real = build_task_model(doc, seed=0, base_dir=tmp_path)
+    assert check_task_model(doc, tmp_path) == sum(p.numel() for p in real.parameters())
+    hf = ModelDoc(kind="hf", path=str(hf_dir(tmp_path)))
+    real_hf = build_task_model(hf, seed=0, base_dir=Path("/"))
+    assert check_task_model(hf, Path("/")) == sum(p.numel() for p in real_hf.parameters())
+    # A relative config directory is the trainers' (their task directory): not checked here.
+    assert check_task_model(ModelDoc(kind="hf", path="models/tiny"), tmp_path) == 0
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (ModelDoc(name="gtp"), "unknown model 'gtp'; built-in models: gpt, mlp"),
+        (ModelDoc(name="gpt", options={"dimm": 64.0}), "unknown option 'dimm' for model 'gpt'; known: "),
+        (ModelDoc(name="gpt", options={"dim": 1e9, "num_heads": 1.0}), "too large to build"),
+        (ModelDoc(name="gpt", options={"dim": 3e4, "num_heads": 1.0}), "more than the limit of"),
+        (ModelDoc(name="gpt", options={"num_layers": 1e8}), "num_layers must be at most 1000"),
+        (ModelDoc(kind="hf", path="/nonexistent/model"), r"holds no config\.json"),
+    ],
+)
+def test_check_task_model_refuses_what_no_trainer_could_build(doc: ModelDoc, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_task_model(doc, Path("/"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import stat
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from cryptography import x509
 from hypha.errors import AdmissionError, ConfigError
 from hypha.pki import (
     CertificateVerifier,
+    check_key_matches_certificate,
     create_ca,
     issue_node,
+    key_permission_problem,
     load_private_key,
     peer_id_of,
     revoke,
@@ -72,3 +75,45 @@ def test_bad_role_and_name(tmp_path: Path) -> None:
         issue_node(tmp_path, "x", "admin", tmp_path)
     with pytest.raises(ConfigError, match="invalid node name"):
         issue_node(tmp_path, "../x", "worker", tmp_path)
+
+
+def test_a_key_matches_only_its_own_certificate(tmp_path: Path) -> None:
+    create_ca("Acme", tmp_path)
+    a = issue_node(tmp_path, "a", "worker", tmp_path)
+    b = issue_node(tmp_path, "b", "worker", tmp_path)
+    check_key_matches_certificate(a.cert, a.key)
+    with pytest.raises(ConfigError) as info:
+        check_key_matches_certificate(a.cert, b.key)
+    message = str(info.value)
+    assert f"key_pem {b.key} does not belong to cert_pem {a.cert}" in message
+    assert peer_id_of(load_private_key(a.key).public_key()) in message
+    with pytest.raises(ConfigError, match="cannot read certificate"):
+        check_key_matches_certificate(a.key, a.key)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o700])
+def test_a_key_group_or_others_can_reach_is_a_problem(tmp_path: Path, mode: int) -> None:
+    create_ca("Acme", tmp_path)
+    files = issue_node(tmp_path, "a", "worker", tmp_path)
+    assert key_permission_problem(files.key) is None
+    files.key.chmod(mode)
+    problem = key_permission_problem(files.key)
+    if mode & 0o077:
+        assert problem is not None
+        assert f"(mode {mode:04o})" in problem
+    else:
+        assert problem is None
+    assert key_permission_problem(tmp_path / "missing.pem") is None  # loading reports that
+
+
+def test_keys_are_written_0600_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        create_ca("Acme", tmp_path / "ca")
+        files = issue_node(tmp_path / "ca", "a", "worker", tmp_path / "out")
+    finally:
+        os.umask(old)
+    for key in (tmp_path / "ca" / "ca-key.pem", files.key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert key_permission_problem(key) is None
+    assert stat.S_IMODE(files.cert.stat().st_mode) == 0o644

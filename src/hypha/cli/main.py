@@ -83,9 +83,13 @@ def worker(
     run_role("worker", WorkerConfig, config, serve, validate=validate, verbose=verbose, overrides=overrides)
 
 
-def _load_job(path: Path) -> JobSpec:
+def _load_job(path: Path) -> tuple[JobSpec, int]:
+    """Load and check a job spec, its model included; return it and the model's size."""
+    from hypha.scheduler.documents import check_job
+
     try:
-        return load_job(path)
+        spec = load_job(path)
+        return spec, check_job(spec, str(path))
     except ConfigError as exc:
         fail(str(exc), exc.problems)
 
@@ -107,7 +111,7 @@ def scheduler(
     """Run a scheduler for one job: lease workers, dispatch, synchronise."""
     from hypha.scheduler.node import run_scheduler
 
-    spec = _load_job(job)
+    spec, _ = _load_job(job)
 
     async def serve(cfg: SchedulerConfig) -> None:
         await run_scheduler(cfg, spec, ready_file=ready_file, allocate_only=allocate_only)
@@ -230,12 +234,14 @@ def up(
     """Start a whole Hypha network on this machine and train one job with DiLoCo."""
     from hypha.cli.up import run_up
     from hypha.local import make_plan
+    from hypha.scheduler.documents import check_job
 
     if workers < 1:
         fail("--workers must be at least 1")
     init_logging("up", verbose=verbose, quiet=not verbose)
     try:
         plan = make_plan(directory, job, workers, rounds)
+        check_job(plan.job, str(plan.job_path))
         code = run_up(plan, err, single_process=single_process, live=live)
     except ConfigError as exc:
         fail(str(exc), exc.problems)
@@ -251,8 +257,10 @@ app.add_typer(job_app, name="job")
 @job_app.command("validate")
 def job_validate(path: Annotated[Path, typer.Argument(help="Job spec (TOML).")]) -> None:
     """Check a job spec: exit 0 if valid, 2 with every problem."""
-    spec = _load_job(path)
-    err.print(f"{path}: job {spec.name!r} is valid ({spec.rounds} rounds, {spec.trainers.target} trainers)")
+    spec, num_parameters = _load_job(path)
+    size = f", a {num_parameters:_}-parameter model" if num_parameters else ""
+    trainers = f"{spec.trainers.target} trainers"
+    err.print(f"{path}: job {spec.name!r} is valid ({spec.rounds} rounds, {trainers}{size})")
 
 
 @app.command()

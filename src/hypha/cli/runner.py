@@ -114,7 +114,8 @@ def run_until_signal(role: str, main: Callable[[], Awaitable[None]]) -> None:
     """``trio.run`` ``main`` and cancel it cleanly on SIGINT or SIGTERM.
 
     A ``HyphaError`` (also the first one inside an exception group) becomes one error line
-    and exit code 1; a group without one is a bug: its innermost tracebacks are printed.
+    and exit code 1, 2 for a ``ConfigError`` (a node that refuses its set-up at start); a
+    group without one is a bug: its innermost tracebacks are printed.
     """
 
     async def runner() -> None:
@@ -135,13 +136,20 @@ def run_until_signal(role: str, main: Callable[[], Awaitable[None]]) -> None:
     try:
         trio.run(runner)
     except HyphaError as exc:
-        fail(str(exc), code=1)
+        _fail_with(exc)
     except BaseExceptionGroup as group:
         leaf = first_hypha_error(group)
         if leaf is None:
             _print_leaves(group)
             fail("internal error (traceback above); please report it", code=1)
-        fail(str(leaf), code=1)
+        _fail_with(leaf)
+
+
+def _fail_with(exc: HyphaError) -> NoReturn:
+    if isinstance(exc, ConfigError):
+        details = exc.problems if exc.problems != [str(exc)] else None
+        fail(str(exc), details, code=2)
+    fail(str(exc), code=1)
 
 
 def _print_leaves(group: BaseExceptionGroup[Any]) -> None:

@@ -2,7 +2,10 @@
 
 Owns the TOML shape of ``hypha scheduler --job JOB.toml`` and ``hypha job validate``: one
 frozen dataclass per table, every field documented, checked with the same loader as node
-configs (unknown keys and wrong types are errors naming the key and file).
+configs (unknown keys, wrong types and non-finite numbers are errors naming the key and
+file), and the ranges a job must keep to (the ``MAX_*`` limits below, safe names, a warmup
+that fits the inner steps). Whether the model can be built is ``scheduler.documents``'s
+``check_job`` (it needs torch, which config does not import).
 """
 
 from __future__ import annotations
@@ -12,13 +15,46 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from hypha.config.load import build_section, toml_key
 from hypha.config.schema import doc
 from hypha.errors import ConfigError
+from hypha.protocol.names import UnsafeNameError, check_name
 
 ModelKind = Literal["builtin", "hf"]
+
+MAX_ROUNDS: Final = 1_000_000
+MAX_SAMPLES_PER_ROUND: Final = 1_000_000_000
+MAX_BATCH_SIZE: Final = 1_000_000
+MAX_INNER_STEPS_PER_ROUND: Final = 1_000_000
+MAX_EVAL_BATCHES: Final = 1_000_000
+MAX_POOL_TARGET: Final = 10_000
+MAX_INNER_LR: Final = 1.0
+"""AdamW diverges far below this; a larger rate is a typo."""
+MAX_OUTER_LR: Final = 10.0
+"""DiLoCo uses 0.7; Nesterov outer steps above a few times the pseudo-gradient make no sense."""
+MAX_SEED: Final = 2**63 - 1
+
+
+def _check_range(
+    section: object, key: str, low: float, high: float | None = None, *, open_low: bool = False
+) -> None:
+    """Raise ``ValueError`` naming ``key`` unless low <= value <= high (low < value if open_low).
+
+    Written so that NaN fails too (specs built in Python skip the loader's finiteness check).
+    """
+    value = getattr(section, key)
+    above_low = value > low if open_low else value >= low
+    if not (above_low and (high is None or value <= high)):
+        bound = f"> {_number(low)}" if open_low else f">= {_number(low)}"
+        if high is not None:
+            bound += f" and <= {_number(high)}"
+        raise ValueError(f"{key}: must be {bound}, got {value!r}")
+
+
+def _number(value: float) -> str:
+    return f"{value:_}" if isinstance(value, int) else f"{value:g}"
 
 
 @dataclass(frozen=True)
@@ -32,7 +68,7 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         if self.kind == "hf" and self.path is None:
-            raise ValueError("model.path: required when kind = 'hf'")
+            raise ValueError("path: required when kind = 'hf'")
 
 
 @dataclass(frozen=True)
@@ -47,8 +83,13 @@ class InnerSection:
     schedule: Literal["cosine", "constant"] = doc("Learning-rate schedule after warmup.", "cosine")
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError("inner.lr: must be positive")
+        _check_range(self, "lr", 0.0, MAX_INNER_LR, open_low=True)
+        for key in ("beta1", "beta2"):
+            _check_range(self, key, 0.0)
+            if not getattr(self, key) < 1.0:
+                raise ValueError(f"{key}: must be < 1, got {getattr(self, key)!r}")
+        _check_range(self, "weight_decay", 0.0, 1.0)
+        _check_range(self, "warmup_steps", 0)
 
 
 @dataclass(frozen=True)
@@ -58,6 +99,12 @@ class OuterSection:
     lr: float = doc("Outer learning rate.", 0.7)
     momentum: float = doc("Outer Nesterov momentum.", 0.9)
 
+    def __post_init__(self) -> None:
+        _check_range(self, "lr", 0.0, MAX_OUTER_LR, open_low=True)
+        _check_range(self, "momentum", 0.0)
+        if not self.momentum < 1.0:
+            raise ValueError(f"momentum: must be < 1, got {self.momentum!r}")
+
 
 @dataclass(frozen=True)
 class ResourceNeeds:
@@ -65,6 +112,10 @@ class ResourceNeeds:
     cpu: float = doc("CPU cores.", 1.0)
     memory: float = doc("Memory in GB.", 1.0)
     storage: float = doc("Disk in GB.", 0.0)
+
+    def __post_init__(self) -> None:
+        for key in ("gpu", "cpu", "memory", "storage"):
+            _check_range(self, key, 0.0)
 
 
 @dataclass(frozen=True)
@@ -80,8 +131,13 @@ class PoolSection:
     resources: ResourceNeeds = doc("Resources each member needs.", default_factory=ResourceNeeds)
 
     def __post_init__(self) -> None:
+        if not self.executor:
+            raise ValueError("executor: must not be empty")
+        _check_range(self, "target", 0, MAX_POOL_TARGET)
         if not 0 <= self.min <= self.target:
-            raise ValueError("need 0 <= min <= target")
+            raise ValueError(f"min: need 0 <= min <= target, got min = {self.min}, target = {self.target}")
+        for key in ("grace_seconds", "bid", "max_price"):
+            _check_range(self, key, 0.0)
         if self.bid > self.max_price:
             raise ValueError("bid: must not exceed max_price")
 
@@ -123,19 +179,48 @@ class JobSpec:
     lease_seconds: float | None = doc("Override the scheduler's lease lifetime for this job.", None)
 
     def __post_init__(self) -> None:
-        for key in ("rounds", "samples_per_round", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key}: must be positive")
-        if self.fixed_inner_steps is not None and self.fixed_inner_steps <= 0:
-            raise ValueError("fixed_inner_steps: must be positive")
+        for key, what in (("name", "job name"), ("dataset", "dataset name")):
+            try:
+                check_name(getattr(self, key), what)
+            except UnsafeNameError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        _check_range(self, "rounds", 1, MAX_ROUNDS)
+        _check_range(self, "samples_per_round", 1, MAX_SAMPLES_PER_ROUND)
+        _check_range(self, "batch_size", 1, MAX_BATCH_SIZE)
+        _check_range(self, "seed", 0, MAX_SEED)
+        if self.fixed_inner_steps is not None:
+            _check_range(self, "fixed_inner_steps", 1, MAX_INNER_STEPS_PER_ROUND)
+        _check_range(self, "eval_batches", 0, MAX_EVAL_BATCHES)
+        for key in ("report_every_seconds", "round_deadline_seconds"):
+            _check_range(self, key, 0.0, open_low=True)
+        _check_range(self, "sync_horizon_seconds", 0.0)
+        if self.lease_seconds is not None:
+            _check_range(self, "lease_seconds", 0.0, open_low=True)
         if self.dataset_sha256 is not None and re.fullmatch(r"[0-9a-f]{64}", self.dataset_sha256) is None:
             raise ValueError("dataset_sha256: must be 64 lowercase hex digits (a manifest's sha256)")
         if self.parameter_server.target != 1:
             raise ValueError("parameter_server.target: exactly one parameter server is supported")
+        total = self.total_inner_steps
+        if self.inner.schedule == "cosine" and self.inner.warmup_steps > total:
+            raise ValueError(
+                f"inner.warmup_steps: {self.inner.warmup_steps} is more than the {total} inner "
+                "steps each trainer is planned to run (rounds x inner steps per round); lower it "
+                "or use schedule = 'constant'"
+            )
 
     @property
     def out(self) -> Path:
         return self.output_dir if self.output_dir is not None else Path("runs") / self.name
+
+    @property
+    def total_inner_steps(self) -> int:
+        """Inner steps each trainer is told it runs over the whole job (its LR schedule's length).
+
+        ``fixed_inner_steps`` per round, else an even share of ``samples_per_round`` in
+        batches among ``trainers.target`` trainers; at least 1.
+        """
+        per_trainer = self.samples_per_round // (self.batch_size * max(1, self.trainers.target))
+        return max(1, self.rounds * (self.fixed_inner_steps or per_trainer))
 
 
 def load_job(path: Path) -> JobSpec:

@@ -1,14 +1,16 @@
 """Load a role's configuration: defaults, then TOML, then ``HYPHA_<KEY>``, then CLI flags.
 
 Owns type checking of raw values against the dataclasses in ``schema.py``, collecting every
-problem with its key and file instead of stopping at the first, resolving relative paths
-against the config file's directory, and writing commented default files for ``hypha init``.
+problem with its key and file instead of stopping at the first (numbers must be finite),
+resolving relative paths against the config file's directory, checking the files a config
+names (``check_files``), and writing commented default files for ``hypha init``.
 It is the only module that reads ``os.environ`` for configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -20,6 +22,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from hypha.config.schema import ROLE_CONFIGS, NetworkSection
 from hypha.config.toml import format_value
 from hypha.errors import ConfigError
+from hypha.pki.identity import check_key_matches_certificate, key_permission_problem
 
 T = TypeVar("T")
 ENV_PREFIX = "HYPHA_"
@@ -77,6 +80,10 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str], base: Path | No
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             problems.append(f"{key}: expected a number, got {value!r}")
+            return None
+        if not math.isfinite(value):
+            # TOML has nan and inf; no duration, rate or price of ours means either.
+            problems.append(f"{key}: expected a finite number, got {value!r}")
             return None
         return float(value)
     if tp is int:
@@ -197,12 +204,25 @@ def load_config(
 
 
 def check_files(config: NetworkSection, where: str) -> list[str]:
-    """Problems with files the config names (missing certificate, key, trust bundle, CRL)."""
+    """Problems with files the config names.
+
+    A missing certificate, key, trust bundle or CRL; a key that group or others may read
+    (unless ``allow_insecure_key_permissions``); a key that is not the certificate's.
+    """
     problems = []
     for key in ("cert_pem", "key_pem", "trust_pem", "crls_pem"):
         value = getattr(config, key)
         if value is not None and not Path(value).is_file():
             problems.append(f"{where}: {key}: file {value} does not exist")
+    if config.key_pem.is_file():
+        insecure = key_permission_problem(config.key_pem)
+        if insecure is not None and not config.allow_insecure_key_permissions:
+            problems.append(f"{where}: {insecure}")
+        if config.cert_pem.is_file():
+            try:
+                check_key_matches_certificate(config.cert_pem, config.key_pem)
+            except ConfigError as exc:
+                problems.append(f"{where}: {exc}")
     for key in ("dataset_path",):
         for p in getattr(config, key, []):
             if not Path(p).is_dir():

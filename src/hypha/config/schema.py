@@ -1,6 +1,7 @@
 """One frozen dataclass per role section, each field documented.
 
-Owns the shape, defaults and per-field checks of node configuration. Keys follow the
+Owns the shape, defaults and per-field checks of node configuration (ranges, and addresses
+that must parse as multiaddrs; that numbers are finite is the loader's check). Keys follow the
 original Hypha's names where they exist. Every field carries a ``doc`` in its metadata:
 ``hypha init`` writes it as a comment and ``--validate`` names the key in its messages.
 Loading (TOML, environment, CLI layering) is ``config/load.py``'s job.
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import multiaddr
+
 ExecutorRuntime = Literal["process", "aggregate"]
 OfferStrategy = Literal["whole", "flexible"]
 
@@ -21,6 +24,42 @@ def doc(text: str, default: Any = None, **kwargs: Any) -> Any:
     if "default_factory" in kwargs:
         return field(metadata={"doc": text}, **kwargs)
     return field(default=default, metadata={"doc": text})
+
+
+_IP_PROTOCOLS = frozenset({"ip4", "ip6"})
+
+
+def check_addresses(key: str, values: list[str], *, listen: bool = False, peer: bool = False) -> None:
+    """Refuse a value of ``key`` that is not a multiaddr (or not one a node can use).
+
+    Args:
+        key: The config key, named in the message.
+        values: Its multiaddrs.
+        listen: Each must name an IP address and a TCP port (what the host listens on).
+        peer: Each must end in ``/p2p/<peer id>`` (whom to dial).
+
+    Raises:
+        ValueError: naming the key, the index and the bad value.
+    """
+    for i, text in enumerate(values):
+        try:
+            names = {p.name for p in multiaddr.Multiaddr(text).protocols()}
+        except (ValueError, multiaddr.exceptions.Error) as exc:
+            raise ValueError(f"{key}[{i}]: {text!r} is not a multiaddr: {exc}") from None
+        if not names:
+            raise ValueError(f"{key}[{i}]: {text!r} is not a multiaddr")
+        if listen and not (names & _IP_PROTOCOLS and "tcp" in names):
+            raise ValueError(
+                f"{key}[{i}]: {text!r} must name an IP address and a TCP port, e.g. /ip4/0.0.0.0/tcp/7070"
+            )
+        if peer and "p2p" not in names:
+            raise ValueError(f"{key}[{i}]: {text!r} must end in /p2p/<peer id>")
+
+
+def _check_non_negative(section: object, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if not getattr(section, key) >= 0:  # NaN too, for sections built in Python
+            raise ValueError(f"{key}: must not be negative, got {getattr(section, key)}")
 
 
 @dataclass(frozen=True)
@@ -46,10 +85,16 @@ class NetworkSection:
         default_factory=list,
     )
     rpc_timeout_seconds: float = doc("Deadline of one request/response exchange.", 10.0)
+    allow_insecure_key_permissions: bool = doc(
+        "Start even though group or others may read key_pem (anyone who can read it can be this node).",
+        False,
+    )
 
     def __post_init__(self) -> None:
-        if self.rpc_timeout_seconds <= 0:
+        if not self.rpc_timeout_seconds > 0:
             raise ValueError("rpc_timeout_seconds: must be positive")
+        check_addresses("listen_addresses", self.listen_addresses, listen=True)
+        check_addresses("external_addresses", self.external_addresses)
 
 
 @dataclass(frozen=True)
@@ -65,6 +110,10 @@ class ClientNetworkSection(NetworkSection):
         True,
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_addresses("gateway_addresses", self.gateway_addresses, peer=True)
+
 
 @dataclass(frozen=True)
 class GatewayConfig(NetworkSection):
@@ -77,6 +126,7 @@ class GatewayConfig(NetworkSection):
         super().__post_init__()
         if not self.listen_addresses:
             raise ValueError("listen_addresses: a gateway must listen on at least one address")
+        _check_non_negative(self, ("relay_max_reservations", "relay_max_circuits"))
 
 
 @dataclass(frozen=True)
@@ -87,6 +137,9 @@ class ResourcesSection:
     cpu: float = doc("CPU cores.", 1.0)
     memory: float = doc("Memory in GB.", 4.0)
     storage: float = doc("Disk in GB.", 10.0)
+
+    def __post_init__(self) -> None:
+        _check_non_negative(self, ("gpu", "cpu", "memory", "storage"))
 
 
 @dataclass(frozen=True)
@@ -99,6 +152,9 @@ class OfferSection:
         "'whole': offer all free resources at max(price, bid); 'flexible': exactly what was asked, at the bid.",
         "whole",
     )
+
+    def __post_init__(self) -> None:
+        _check_non_negative(self, ("price", "floor"))
 
 
 @dataclass(frozen=True)
@@ -145,6 +201,12 @@ class WorkerConfig(ClientNetworkSection):
         "URI prefixes executors may fetch by reference (e.g. 'file:///data/'); empty: none.",
         default_factory=list,
     )
+    run_as: str | None = doc(
+        "User (name or numeric uid) that executor processes run as, with that user's group "
+        "and no others; each task's work dir and bridge socket are handed to it. Needs a "
+        "worker running as root. Unset: executors run as the worker's own user.",
+        None,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,6 +217,8 @@ class WorkerConfig(ClientNetworkSection):
             raise ValueError("cache_slices/prefetch_depth: cache_slices >= 1, prefetch_depth >= 0")
         if self.spare_bytes < 0:
             raise ValueError("spare_bytes: must not be negative")
+        if self.throttle < 1.0:
+            raise ValueError(f"throttle: must be at least 1 (1 is full speed), got {self.throttle}")
 
 
 @dataclass(frozen=True)
@@ -179,6 +243,11 @@ class DataConfig(ClientNetworkSection):
         "Prepared dataset directories (each with a manifest.json) to serve.", default_factory=list
     )
     announce_interval_seconds: float = doc("How often dataset records are re-announced.", 60.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.announce_interval_seconds <= 0:
+            raise ValueError("announce_interval_seconds: must be positive")
 
 
 ROLE_CONFIGS: dict[str, type[NetworkSection]] = {

@@ -2,7 +2,8 @@
 
 Owns host construction (TLS admission as the only security, Yamux only, one connection per
 peer), the start order of services (pubsub, gossipsub, DHT, relay) before any dial, and the
-``Node`` facade that roles use: RPC, streams, gossip, DHT, ``statistics()``. Reaching peers
+``Node`` facade that roles use: RPC, streams, gossip, DHT, ``statistics()``, and cutting
+peers whose certificates a changed CRL revokes (``on_peer_revoked``). Reaching peers
 and gateways (direct dials, DHT lookups, relay circuits and reservations) is ``dialer.py``'s.
 Library errors are translated into ``hypha.errors`` here. Roles never import libp2p.
 """
@@ -34,18 +35,22 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
-from hypha.errors import NetworkError, RequestTimeoutError, describe, hypha_leaf
+from hypha.errors import ConfigError, NetworkError, RequestTimeoutError, describe, hypha_leaf
 from hypha.net import pubsub as ps
 from hypha.net.admission import AdmissionStatistics, AdmissionTransport, PeerDirectory
 from hypha.net.dht import Dht
 from hypha.net.dialer import Dialer, DialerStatistics
 from hypha.net.rpc import M, RpcServer, RpcStatistics, Stream, exchange
+from hypha.net.startup import check_node_start
 from hypha.pki.ca import load_private_key
 from hypha.pki.verify import TlsFiles
 from hypha.protocol import ids
 from hypha.protocol import messages as m
 
 logger = logging.getLogger(__name__)
+
+OnPeerRevoked = Callable[[str], Awaitable[None]]
+"""``async def on_revoked(peer_id)``: drop what the peer holds (leases, pool membership)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class NodeSettings:
     relay_hop: bool = False
     relay_max_reservations: int = 128
     relay_max_circuits: int = 16
+    revocation_check_seconds: float = 1.0
+    """How often the CRL file is checked for newly revoked peers (a ``stat`` each time)."""
 
 
 def _key_pair(path: Any) -> KeyPair:
@@ -84,6 +91,8 @@ class NodeStatistics:
     admission: AdmissionStatistics
     rpc: RpcStatistics
     gossip: ps.GossipStatistics
+    num_revoked_peers: int
+    """Admitted peers cut since start because a changed CRL revoked their certificates."""
 
 
 class Node:
@@ -102,7 +111,7 @@ class Node:
         self._host = host
         self.directory = directory
         self.peer_id: str = str(host.get_id().to_base58())
-        self.rpc = RpcServer(directory.role, settings.rpc_timeout_seconds)
+        self.rpc = RpcServer(directory.role, settings.rpc_timeout_seconds, is_revoked=directory.is_revoked)
         self.dht: Dht
         self.gossip: ps.Gossip
         self._dialer = Dialer(
@@ -113,6 +122,8 @@ class Node:
             timeout_seconds=settings.rpc_timeout_seconds,
         )
         self.healthy = False
+        self._on_revoked: list[OnPeerRevoked] = []
+        self._num_revoked_peers = 0
 
     def statistics(self) -> NodeStatistics:
         """Return a snapshot of the node's health, connections and its parts' counters."""
@@ -123,6 +134,7 @@ class Node:
             admission=self._security.statistics(),
             rpc=self.rpc.statistics(),
             gossip=self.gossip.statistics(),
+            num_revoked_peers=self._num_revoked_peers,
         )
 
     # --- addresses and connections (``dialer.py``) ------------------------------------
@@ -220,6 +232,42 @@ class Node:
     def connected_peers(self) -> list[str]:
         return [str(p) for p in self._host.get_network().connections]
 
+    # --- revocation -------------------------------------------------------------------
+
+    def on_peer_revoked(self, callback: OnPeerRevoked) -> None:
+        """Call ``await callback(peer_id)`` for each admitted peer a changed CRL revokes.
+
+        By then the peer's requests are refused and its connection is closed. Each call
+        runs in its own task of the node's revocation watcher; an error in one ends the node,
+        as an error in any background task does.
+        """
+        self._on_revoked.append(callback)
+
+    async def _watch_revocations(self) -> None:
+        """Cut the peers whose certificates a changed CRL revokes, until cancelled.
+
+        Every ``revocation_check_seconds`` the CRL file is checked (in a worker thread: a
+        ``stat``, and a read when it changed). The CRL a handshake re-read counts too.
+        """
+        failure = ""
+        async with trio.open_nursery() as callbacks:
+            while True:  # until the node stops
+                await trio.sleep(self.settings.revocation_check_seconds)
+                try:
+                    await trio.to_thread.run_sync(self._security.refresh_crls)
+                    failure = ""
+                except ConfigError as exc:  # a CRL being rewritten, or a broken one: keep the last
+                    if str(exc) != failure:
+                        logger.warning("CRL not re-read, the one read before stays in force: %s", exc)
+                    failure = str(exc)
+                for peer in self._security.newly_revoked():
+                    self._num_revoked_peers += 1
+                    logger.warning("certificate of %s revoked: closing its connection", peer)
+                    with trio.move_on_after(self.settings.rpc_timeout_seconds):
+                        await self.disconnect(peer)
+                    for callback in self._on_revoked:
+                        callbacks.start_soon(callback, peer)
+
     # --- health -----------------------------------------------------------------------
 
     async def _health(self, peer: str, request: m.HealthRequest) -> m.HealthResponse:
@@ -234,8 +282,10 @@ async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
 
     Raises:
         NetworkError: no gateway in ``gateway_addresses`` could be reached.
-        ConfigError: unreadable key or certificate files.
+        ConfigError: unreadable key or certificate files, a key that is not the
+            certificate's, or a fixed listen port another process holds.
     """
+    check_node_start(settings.tls, settings.listen_addresses)
     directory = PeerDirectory()
     key_pair = _key_pair(settings.tls.key)
     security = AdmissionTransport(key_pair, settings.tls, directory)
@@ -275,6 +325,7 @@ async def _serve_node(node: Node, host: Any) -> AsyncIterator[Node]:
         await stack.enter_async_context(background_trio_service(dht))
         await _start_relay(node, host, stack)
         nursery = await stack.enter_async_context(trio.open_nursery())
+        nursery.start_soon(node._watch_revocations)
         await node._dialer.join_gateways(settings.gateway_addresses, nursery, reserve=settings.relay_circuit)
         node.healthy = True
         logger.info("node %s (%s) up at %s", node.peer_id, node.role, node.listen_addrs())

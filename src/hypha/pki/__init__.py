@@ -1,4 +1,5 @@
-"""Development PKI (``hypha certutil``) and certificate verification."""
+"""Development PKI (``hypha certutil``), checks of a node's own key and certificate, and
+certificate verification."""
 
 from hypha.pki.ca import (
     ROLES,
@@ -9,6 +10,7 @@ from hypha.pki.ca import (
     peer_id_of,
     revoke,
 )
+from hypha.pki.identity import check_key_matches_certificate, key_permission_problem
 from hypha.pki.verify import CertificateVerifier, PeerCredentials, TlsFiles, bulk_ssl_context
 
 __all__ = [
@@ -18,8 +20,10 @@ __all__ = [
     "PeerCredentials",
     "TlsFiles",
     "bulk_ssl_context",
+    "check_key_matches_certificate",
     "create_ca",
     "issue_node",
+    "key_permission_problem",
     "load_private_key",
     "peer_id_of",
     "revoke",

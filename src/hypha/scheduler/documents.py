@@ -1,13 +1,18 @@
 """The task documents a job sends with each dispatch: what a trainer and the parameter server run.
 
-Pure functions of the job's state (spec, job id, dataset, parameter server): no I/O, no
-network. The documents themselves are wire types in ``protocol/tasks.py``.
+Pure functions of the job's state (spec, job id, dataset, parameter server): no network.
+The documents themselves are wire types in ``protocol/tasks.py``. ``check_job`` builds the
+model those documents name on the meta device, so a job whose trainers could not build it
+is refused by ``hypha job validate`` and at the scheduler's start, not at run time.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypha.config.job import JobSpec
 from hypha.data.manifest import Manifest
+from hypha.errors import ConfigError
 from hypha.protocol.tasks import AggregateTask, InnerDoc, ModelDoc, OuterDoc, TrainTask
 from hypha.scheduler.state import DatasetRef
 
@@ -22,10 +27,35 @@ def model_doc(spec: JobSpec) -> ModelDoc:
     )
 
 
+def check_job(spec: JobSpec, where: str) -> int:
+    """Check that trainers and the parameter server can build the job's model; return its size.
+
+    The spec's own ranges (and the warmup against the inner steps) are checked when it is
+    built; this adds what needs torch: the model name and options, and the parameter count.
+
+    Args:
+        spec: The job.
+        where: Where the spec came from (its file), put in front of the problem.
+
+    Raises:
+        ConfigError: naming ``model`` and what is wrong (unknown names and options list
+            the known ones).
+    """
+    from hypha.training.models import MODEL_NAMES, check_task_model  # torch: only when checking
+
+    model = spec.model
+    if model.kind == "builtin" and model.name not in MODEL_NAMES:
+        problem = f"model.name: unknown model {model.name!r}; built-in models: {', '.join(MODEL_NAMES)}"
+    else:
+        try:
+            return check_task_model(model_doc(spec), base_dir=Path.cwd())
+        except ValueError as exc:
+            problem = f"{'model.path' if model.kind == 'hf' else 'model.options'}: {exc}"
+    raise ConfigError(f"1 problem(s) in {where}", [f"{where}: {problem}"])
+
+
 def train_task(spec: JobSpec, job_id: str, parameter_server: str) -> TrainTask:
     """A trainer's document: model, data, inner optimizer, and where its updates go."""
-    per_trainer = spec.samples_per_round // (spec.batch_size * max(1, spec.trainers.target))
-    total_steps = max(1, spec.rounds * (spec.fixed_inner_steps or per_trainer))
     inner = spec.inner
     return TrainTask(
         job_id=job_id,
@@ -40,7 +70,7 @@ def train_task(spec: JobSpec, job_id: str, parameter_server: str) -> TrainTask:
             weight_decay=inner.weight_decay,
             warmup_steps=inner.warmup_steps,
             schedule=inner.schedule,
-            total_steps=total_steps,
+            total_steps=spec.total_inner_steps,
         ),
         encoding=spec.encoding,
         report_every_seconds=spec.report_every_seconds,
@@ -71,3 +101,15 @@ def aggregate_task(
         eval_sha256=eval_sha,
         providers=list(dataset.providers),
     )
+
+
+def max_samples_per_update(spec: JobSpec) -> int:
+    """Most samples one trainer's update may claim in a round (the parameter server refuses more).
+
+    Fixed-H trainers run exactly ``fixed_inner_steps`` batches. A planned round targets
+    ``samples_per_round`` over all trainers; one trainer may cover all of it alone and run on
+    while its sync instruction travels, so it is allowed twice that, never a round's worth more.
+    """
+    if spec.fixed_inner_steps is not None:
+        return spec.fixed_inner_steps * spec.batch_size
+    return 2 * spec.samples_per_round

@@ -21,6 +21,7 @@ from hypha.net.runner import run_role, settings_from_config
 from hypha.protocol import messages as m
 from hypha.resources import Resources
 from hypha.scheduler.allocator import Allocator, Price, WorkerSpec
+from hypha.scheduler.documents import check_job
 from hypha.scheduler.job import JobContext, run_job
 from hypha.scheduler.pool import Pool, PoolSpec
 from hypha.scheduler.state import JobState
@@ -63,6 +64,8 @@ class Scheduler:
                 pool_spec("parameter_server", job.parameter_server, "aggregate"), self.allocator
             ),
         )
+        for pool in (self.ctx.trainers, self.ctx.parameter_server):
+            node.on_peer_revoked(pool.peer_revoked)
         self.state: JobState | None = None
         """The job's state once it has ended."""
         self._finished = trio.Event()
@@ -98,7 +101,13 @@ async def run_scheduler(
     allocate_only: bool = False,
     task_status: trio.TaskStatus[Scheduler] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the job until it ends (returns) or fails (raises ``JobError``)."""
+    """Run the job until it ends (returns) or fails (raises ``JobError``).
+
+    Raises:
+        ConfigError: before the node starts, when the job's model cannot be built.
+    """
+    # Off the event loop: the first check imports torch and builds the model (on meta).
+    await trio.to_thread.run_sync(check_job, job, f"job {job.name}")
     settings = settings_from_config("scheduler", config)
     async with trio.open_nursery() as nursery:
         scheduler: Scheduler = await nursery.start(

@@ -2,9 +2,11 @@
 
 Owns two tiny built-in models (a byte-level GPT-style causal LM and an MLP classifier),
 ``build_model`` that turns a job's model name and options into a seeded ``nn.Module``,
-``build_hf_model`` for a local Hugging Face config directory, and ``batch_loss`` that feeds
-a slice batch to a model. It does not own optimizers, data loading or the training loop
-(``training/diloco.py`` and the trainer session do).
+``build_hf_model`` for a local Hugging Face config directory, ``check_task_model`` (build on
+the meta device, count and limit the parameters: what ``hypha job validate`` and the
+scheduler run before any trainer), and ``batch_loss`` that feeds a slice batch to a model.
+It does not own optimizers, data loading or the training loop (``training/diloco.py`` and
+the trainer session do).
 
 Shape legend: B batch, T sequence length, D model dim, H heads, V vocab, C classes.
 """
@@ -18,7 +20,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,10 @@ from hypha.protocol.tasks import ModelDoc
 logger = logging.getLogger(__name__)
 
 MODEL_NAMES = ("gpt", "mlp")
+MAX_NUM_LAYERS: Final = 1_000
+"""Deeper built-in models are a typo (and would take minutes just to construct)."""
+MAX_MODEL_PARAMETERS: Final = 10_000_000_000
+"""Larger models are refused before any trainer starts: no worker could hold them."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class GPTConfig:
         for key in ("vocab_size", "seq_len", "num_layers", "num_heads", "dim"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"gpt option {key} must be positive, got {getattr(self, key)}")
+        if self.num_layers > MAX_NUM_LAYERS:
+            raise ValueError(f"gpt option num_layers must be at most {MAX_NUM_LAYERS}, got {self.num_layers}")
         if self.dim % self.num_heads != 0:
             raise ValueError(f"gpt option dim={self.dim} must divide by num_heads={self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -75,6 +83,8 @@ class MLPConfig:
         for key in ("input_dim", "hidden_dim", "num_classes", "num_layers"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"mlp option {key} must be positive, got {getattr(self, key)}")
+        if self.num_layers > MAX_NUM_LAYERS:
+            raise ValueError(f"mlp option num_layers must be at most {MAX_NUM_LAYERS}, got {self.num_layers}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -317,6 +327,40 @@ def build_task_model(model: ModelDoc, seed: int, base_dir: Path) -> nn.Module:
         return build_hf_model(base_dir / model.path, seed=seed)  # an absolute path stays
     options = {k: int(v) if float(v).is_integer() else v for k, v in model.options.items()}
     return build_model(model.name, options, seed=seed)
+
+
+def check_task_model(model: ModelDoc, base_dir: Path) -> int:
+    """Build the model a task document names on the meta device; return its parameter count.
+
+    Nothing is allocated and no weights are drawn, so this is cheap for any size: it is the
+    check a job gets before any trainer starts (unknown names and options, bad values,
+    models too large). A Hugging Face ``path`` that is relative is left to the trainers,
+    which take it from their own task directory.
+
+    Args:
+        model: The task's model section.
+        base_dir: Where a relative Hugging Face ``path`` would start.
+
+    Raises:
+        ValueError: What ``build_task_model`` raises, or a model with more than
+            ``MAX_MODEL_PARAMETERS`` parameters.
+    """
+    if model.kind == "hf" and model.path and not Path(model.path).is_absolute():
+        return 0
+    what = model.path if model.kind == "hf" else model.name
+    try:
+        with torch.device("meta"):
+            module = build_task_model(model, seed=0, base_dir=base_dir)
+    except RuntimeError as exc:  # a tensor whose byte size overflows int64
+        raise ValueError(
+            f"model {what!r} is too large to build ({exc}); the limit is {MAX_MODEL_PARAMETERS:_} parameters"
+        ) from None
+    count = sum(p.numel() for p in module.parameters())
+    if count > MAX_MODEL_PARAMETERS:
+        raise ValueError(
+            f"model {what!r} has {count:_} parameters, more than the limit of {MAX_MODEL_PARAMETERS:_}"
+        )
+    return count
 
 
 def _require(batch: Mapping[str, Tensor], key: str) -> Tensor:
