@@ -14,6 +14,7 @@
     +-- JobError             a job spec that cannot run, or an executor that failed
     |   +-- ExecutorStartError  the executor could not be started at all
     +-- NotReadyError        nothing to give yet (no free slice, weights not out): retry
+    +-- ForbiddenError       an admitted peer asked for something its role, job or lease does not allow
 
 Library errors (libp2p, OSError, ssl) are translated into these at the ``net/`` boundary,
 with ``raise ... from exc`` so the cause is kept. Each class has a stable ``wire_code``
@@ -118,6 +119,12 @@ class NotReadyError(HyphaError):
     """Nothing to give yet (no slice free right now, weights of a round not out yet): retry."""
 
     wire_code: ClassVar[str] = codes.NOT_READY
+
+
+class ForbiddenError(HyphaError):
+    """An admitted peer asked for something its role, job membership or lease does not allow."""
+
+    wire_code: ClassVar[str] = codes.FORBIDDEN
 
 
 class ExecutorStartError(JobError):

@@ -21,7 +21,7 @@ import trio
 
 from hypha.config.job import JobSpec
 from hypha.data.manifest import Manifest
-from hypha.errors import HyphaError, JobError
+from hypha.errors import ForbiddenError, HyphaError, JobError
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
 from hypha.protocol import codec, codes
@@ -81,6 +81,7 @@ class JobDriver:
         node.rpc.register(m.RoundClosed, self._round_closed, roles={"worker"})
         node.rpc.register(m.TensorPushRequest, self._final_model, roles={"worker"})
         node.rpc.register(m.TaskStatus, self._task_status, roles={"worker"})
+        node.rpc.register(m.JobMemberRequest, self._job_member, roles={"worker"})
 
     @property
     def job_id(self) -> str:
@@ -179,6 +180,7 @@ class JobDriver:
             round=self.state.round,
             trainers=sorted(self.state.trainers),
             min_updates=self.state.spec.trainers.min,
+            max_samples=documents.max_samples_per_update(self.state.spec),
         )
         try:
             await self.ctx.node.request(ps.worker, plan, m.Ack)
@@ -262,9 +264,22 @@ class JobDriver:
             self._trainer_finished.set()
         return m.Ack()
 
+    def _is_member(self, peer: str) -> bool:
+        ps = self.state.parameter_server
+        return peer in self.state.trainers or (ps is not None and peer == ps.worker)
+
+    async def _job_member(self, peer: str, request: m.JobMemberRequest) -> m.JobMemberResponse:
+        # Only the job's own workers may learn who else is in it.
+        if request.job_id != self.job_id or not self._is_member(peer):
+            raise ForbiddenError(f"{peer} holds no task in job {request.job_id}")
+        return m.JobMemberResponse(member=self._is_member(request.peer))
+
     async def _progress(self, peer: str, request: m.ProgressRequest) -> m.Msg:
         if request.job_id != self.job_id:
             raise JobError(f"unknown job {request.job_id}")
+        if peer not in self.state.trainers:  # a lost trainer's last words, or a stranger's
+            logger.debug("progress from %s, not a trainer of this job, ignored", peer)
+            return m.Continue()
         state, event = self.state, request.event
         if isinstance(event, m.Metrics):
             await self.recorder.metrics(peer, event.round, event.values)
@@ -381,7 +396,9 @@ async def run_job(ctx: JobContext, spec: JobSpec) -> JobState:
         DataError: The dataset is not found in the network.
         JobError: The job cannot run or failed, with a clear reason.
     """
-    dataset, manifest = await discover_dataset(ctx.node, spec.dataset, timeout_seconds=DATASET_WAIT_SECONDS)
+    dataset, manifest = await discover_dataset(
+        ctx.node, spec.dataset, timeout_seconds=DATASET_WAIT_SECONDS, sha256=spec.dataset_sha256
+    )
     logger.info(
         "dataset %s: %d slices from %d providers", spec.dataset, dataset.num_slices, len(dataset.providers)
     )

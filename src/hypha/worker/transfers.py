@@ -4,8 +4,9 @@ Owns what a task's bridge fetch and send turn into on the network: asking the sc
 the next slice and pulling it (through the slice cache, failing over between data nodes),
 asking the parameter server for the current weights, pushing files to peers over the bulk
 path, and receiving pushes for local tasks (routed by job: updates to the sink the update
-lookup names, weights and files to the job's trainer, in that task's inbox only). It does not
-know the parameter server: its requests are routed by ``executors/aggregate.py``.
+lookup names, weights and files to the job's trainer, in that task's inbox only: that is
+``inbound.py``'s, each push authorized first by ``authorize.py``). It does not know the
+parameter server: its requests are routed by ``executors/aggregate.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import shutil
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,25 +24,28 @@ import trio
 from hypha import errors
 from hypha.config.schema import WorkerConfig
 from hypha.data.cache import SliceCache, SliceRef
-from hypha.errors import DataError, HyphaError, JobError, NotReadyError, RemoteError, TransferError
+from hypha.errors import (
+    DataError,
+    HyphaError,
+    JobError,
+    NotReadyError,
+    RemoteError,
+    TransferError,
+)
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
 from hypha.protocol import bridge as b
 from hypha.protocol import codec
 from hypha.protocol import messages as m
 from hypha.protocol.tasks import TrainTask
-from hypha.worker.task import Task, TaskTable, find_task
+from hypha.worker.authorize import UpdateSinks
+from hypha.worker.inbound import InboundPushes
+from hypha.worker.task import Task, TaskTable
 
 logger = logging.getLogger(__name__)
 
 MIN_BYTES_PER_SECOND = 2_000_000
 """Slowest channel a push is given time for (a relayed libp2p stream runs at 5-9 MB/s)."""
-
-UpdateSink = Callable[[m.TensorOffer, str, Path], Awaitable[None]]
-"""``async def sink(offer, sender, path)``: an aggregator takes a received update."""
-
-UpdateSinks = Callable[[str], UpdateSink | None]
-"""``sinks(job_id)``: where a pushed update of that job goes (None: no aggregator here)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +59,8 @@ class TransferStatistics:
     num_pushes_failed: int
     num_received: int
     num_refused: int
-    """Pushes refused because no task or aggregator of their job runs here."""
-
-
-def _safe_name(name: str) -> str:
-    """The sender's file name if it is a plain one, else a neutral default."""
-    base = Path(name).name
-    if not base or base.startswith(".") or base != name or len(base) > 100:
-        return "file.bin"
-    return base
+    """Pushes refused (``authorize.py``): no task or aggregator of their job here, or a sender
+    or content the job does not allow."""
 
 
 def _failure(exc: BaseException) -> str:
@@ -95,7 +91,7 @@ class Transfers:
     """Implements ``worker.backend.TaskServices`` and serves incoming pushes.
 
     Args:
-        node: the worker's node (``TensorPushRequest`` is registered on it).
+        node: the worker's node (``inbound.py`` registers ``TensorPushRequest`` on it).
         bulk: the worker's bulk channel.
         config: the worker's section.
         update_sinks: where a pushed update of a job goes.
@@ -117,7 +113,7 @@ class Transfers:
         self._update_sinks = update_sinks
         self._tasks = tasks
         self._num_assigned = self._num_returned = self._num_weights = 0
-        self._num_delivered = self._num_push_failures = self._num_received = self._num_refused = 0
+        self._num_delivered = self._num_push_failures = 0
         self._providers: dict[tuple[str, int], list[str]] = {}
         self.cache = SliceCache(
             config.work_dir / "cache",
@@ -126,7 +122,7 @@ class Transfers:
             prefetch_depth=config.prefetch_depth,
             discard=bulk.recycle,
         )
-        node.rpc.register(m.TensorPushRequest, self._on_push)
+        self.inbound = InboundPushes(node, bulk, update_sinks=update_sinks, tasks=tasks)
 
     def statistics(self) -> TransferStatistics:
         """Return a snapshot of the counters."""
@@ -136,8 +132,8 @@ class Transfers:
             num_weights_fetched=self._num_weights,
             num_pushes_delivered=self._num_delivered,
             num_pushes_failed=self._num_push_failures,
-            num_received=self._num_received,
-            num_refused=self._num_refused,
+            num_received=self.inbound.num_received,
+            num_refused=self.inbound.num_refused,
         )
 
     @property
@@ -366,42 +362,3 @@ class Transfers:
         for failure in failures:
             logger.warning("push of %s failed: %s", path.name, failure)
         return delivered
-
-    # --- receive ----------------------------------------------------------------------
-
-    async def _on_push(self, peer: str, request: m.TensorPushRequest) -> m.TransferDone:
-        offer = request.offer
-        if offer.purpose == "update":
-            sink = self._update_sinks(offer.job_id)
-            if sink is None:
-                self._num_refused += 1
-                return m.TransferDone(
-                    transfer_id=offer.transfer_id, ok=False, detail="no aggregator for this job"
-                )
-            dest = self._config.work_dir / "incoming" / f"{offer.transfer_id}.safetensors"
-            await self._bulk.pull(offer, peer, dest)
-            await sink(offer, peer, dest)
-            self._num_received += 1
-            return m.TransferDone(transfer_id=offer.transfer_id, ok=True)
-        task = find_task(self._tasks.values(), offer.job_id, "train")
-        if task is None:
-            self._num_refused += 1
-            return m.TransferDone(transfer_id=offer.transfer_id, ok=False, detail="no task of this job here")
-        rel = (
-            Path("incoming")
-            / f"{offer.purpose}-{offer.round:05d}-{offer.transfer_id[:8]}-{_safe_name(offer.name)}"
-        )
-        await self._bulk.pull(offer, peer, task.work_dir / rel)
-        task.inbox.deliver(
-            b.ReceivedFile(
-                path=str(rel),
-                size=offer.size,
-                sha256=offer.sha256,
-                from_peer=peer,
-                purpose=offer.purpose,
-                round=offer.round,
-                samples=offer.samples,
-            )
-        )
-        self._num_received += 1
-        return m.TransferDone(transfer_id=offer.transfer_id, ok=True)

@@ -1,12 +1,14 @@
 """The aggregate executor: the DiLoCo parameter server, running inside the worker.
 
-Owns the round state machine of one job: it serves the current weights to trainers that ask,
-collects their pseudo-gradients with sample counts, closes a round when every expected update
-arrived (or at the deadline with at least the minimum), has ``aggregate_maths.py`` compute the
-mean and the Nesterov step and evaluate (in a thread), sends the new weights to every trainer,
-and reports ``RoundClosed`` to the scheduler. Late updates of a closed round are dropped and
-logged. ``ParameterServers`` routes the RPCs and pushed updates of every job's server on this
-worker; ``AggregateRunner`` is the job manager's runner of ``runtime = "aggregate"``.
+Owns the round state machine of one job: it serves the current weights to the plan's
+trainers, collects their pseudo-gradients with sample counts (each authorized against the
+round plan by ``worker/authorize.py``, then checked finite and of the model's shapes), closes
+a round when every expected update arrived (or at the deadline with at least the minimum),
+has ``aggregate_maths.py`` compute the mean and the Nesterov step and evaluate (in a thread),
+sends the new weights to the plan's trainers only, and reports ``RoundClosed`` to the
+scheduler. Late updates of a closed round are dropped unread and logged. ``ParameterServers``
+routes the RPCs and pushed updates of every job's server on this worker; ``AggregateRunner``
+is the job manager's runner of ``runtime = "aggregate"``.
 """
 
 from __future__ import annotations
@@ -20,16 +22,20 @@ from pathlib import Path
 
 import trio
 
-from hypha.errors import HyphaError, JobError, NotReadyError
+from hypha.errors import ForbiddenError, HyphaError, JobError, NotReadyError
 from hypha.net.host import Node
 from hypha.protocol import codec
 from hypha.protocol import messages as m
 from hypha.protocol.tasks import AggregateTask
+from hypha.worker.authorize import Pull, RoundView, UpdateSink, check_update, check_weights_request
 from hypha.worker.executors.aggregate_maths import TORCH, OuterMaths, Update
 from hypha.worker.task import Exited, Task
-from hypha.worker.transfers import Transfers, UpdateSink
+from hypha.worker.transfers import Transfers
 
 logger = logging.getLogger(__name__)
+
+PLAN_WAIT_SECONDS = 5.0
+"""How long a trainer's update or weights request waits for the round plan that names it."""
 
 
 @dataclass
@@ -37,7 +43,10 @@ class _Round:
     number: int
     expected: set[str] = field(default_factory=set)
     min_updates: int = 1
+    max_samples: int = 0
     updates: dict[str, Update] = field(default_factory=dict)
+    pending: set[str] = field(default_factory=set)
+    """Trainers whose update of this round is being pulled or checked."""
     first_arrival: float | None = None
     closed: bool = False
     """Set when the round's updates are taken: one arriving later is late, not aggregated."""
@@ -90,32 +99,79 @@ class ParameterServer:
 
     # --- requests routed here by ``ParameterServers`` ---------------------------------------
 
-    async def on_update(self, offer: m.TensorOffer, sender: str, path: Path) -> None:
-        current = self.round
-        if offer.round != current.number or current.closed:
-            self._num_late += 1
-            state = "closing" if current.closed else "open"
-            logger.warning(
-                "dropped update of round %d from %s: round %d is %s",
-                offer.round,
-                sender,
-                current.number,
-                state,
-            )
-            await trio.Path(path).unlink(missing_ok=True)
-            return
-        current.updates[sender] = Update(sender, offer.samples, path)
+    def _view(self, current: _Round) -> RoundView:
+        return RoundView(
+            number=current.number,
+            trainers=current.expected,
+            received=set(current.updates) | current.pending,
+            max_samples=current.max_samples,
+            max_bytes=self._maths.max_update_bytes if self._maths is not None else 0,
+        )
+
+    async def _wait_in_plan(self, peer: str) -> _Round:
+        """The current round, once ``peer`` is in its plan (or after ``PLAN_WAIT_SECONDS``).
+
+        A trainer's first request can overtake the plan that names it (the scheduler sends
+        the plan right after the dispatch): it is given a moment before it is refused.
+        """
+        with trio.move_on_after(PLAN_WAIT_SECONDS):
+            while peer not in self.round.expected:
+                await self.round.changed.wait()
+        return self.round
+
+    async def receive_update(self, offer: m.TensorOffer, sender: str, pull: Pull) -> str:
+        """Authorize, pull and keep ``sender``'s update (``authorize.UpdateSink``)."""
+        if self._maths is None:
+            raise ForbiddenError("the parameter server is still starting")
+        current = await self._wait_in_plan(sender)
+        check_update(self._view(current), offer, sender)
+        if offer.round < current.number or current.closed:
+            return self._late(offer, sender, current)
+        current.pending.add(sender)
+        dest = self._task.work_dir / "incoming" / f"{offer.transfer_id}.safetensors"
+        try:
+            await trio.Path(dest.parent).mkdir(exist_ok=True)
+            await pull(dest)
+            problem = await trio.to_thread.run_sync(self._maths.check_update, dest)
+            if problem:
+                await trio.Path(dest).unlink(missing_ok=True)
+                raise ForbiddenError(f"update refused: {problem}")
+        finally:
+            current.pending.discard(sender)
+        if self.round is not current or current.closed:
+            await trio.Path(dest).unlink(missing_ok=True)
+            return self._late(offer, sender, current)
+        current.updates[sender] = Update(sender, offer.samples, dest)
         if current.first_arrival is None:
             current.first_arrival = trio.current_time()
         current.notify()
+        return ""
+
+    def _late(self, offer: m.TensorOffer, sender: str, current: _Round) -> str:
+        self._num_late += 1
+        state = "closing" if current.closed else "open"
+        logger.warning(
+            "dropped update of round %d from %s: round %d is %s",
+            offer.round,
+            sender,
+            self.round.number,
+            state,
+        )
+        return f"late: round {offer.round} is closed; dropped"
 
     async def on_plan(self, plan: m.RoundPlan) -> None:
-        if plan.round == self.round.number:
+        # The scheduler may still be a round behind (its RoundClosed is on the way): the
+        # membership it sends is the newest there is, so it applies to the open round too.
+        if plan.round in (self.round.number, self.round.number - 1):
             self.round.expected = set(plan.trainers)
             self.round.min_updates = plan.min_updates
+            self.round.max_samples = plan.max_samples
             self.round.notify()
 
     async def on_weights_request(self, peer: str, request: m.WeightsRequest) -> m.TensorOffer:
+        if peer != self._doc.scheduler:
+            await self._wait_in_plan(peer)
+        check_weights_request(self._view(self.round), peer, self._doc.scheduler)
         number = self.round.number if request.round is None else request.round
         path = self._weights.get(number) or self._weights.get(self.round.number)
         if path is None:
@@ -207,10 +263,15 @@ class ParameterServer:
         for update in updates:  # next round's updates overwrite these files (same size)
             self._transfers.bulk.recycle(update.path)
         self.round = _Round(
-            current.number + 1, expected=set(current.expected), min_updates=current.min_updates
+            current.number + 1,
+            expected=set(current.expected),
+            min_updates=current.min_updates,
+            max_samples=current.max_samples,
         )
+        current.notify()  # requests waiting for a plan go on with the new round
         await self._publish_weights(current.number + 1)
-        recipients = sorted(set(current.updates) | current.expected)
+        # Only the plan's trainers: a sender that is no longer in it gets nothing.
+        recipients = sorted(current.expected)
         logger.info(
             "round %d closed: %d updates, %d samples, loss %s", current.number, len(updates), samples, loss
         )
@@ -302,9 +363,8 @@ class ParameterServers:
         return self._servers.get(job_id)
 
     def update_sink(self, job_id: str) -> UpdateSink | None:
-        """Where a pushed update of ``job_id`` goes (``transfers.UpdateSinks``)."""
-        server = self._servers.get(job_id)
-        return server.on_update if server is not None else None
+        """Where a pushed update of ``job_id`` goes (``authorize.UpdateSinks``)."""
+        return self._servers.get(job_id)
 
     @contextlib.contextmanager
     def registered(self, job_id: str, server: ParameterServer) -> Iterator[None]:

@@ -51,6 +51,36 @@ class OuterMaths:
         self.delta: dict[str, torch.Tensor] = {}
         self.residual: dict[str, torch.Tensor] = {}
         self.eval_batches: list[dict[str, torch.Tensor]] = []
+        numel = sum(p.numel() for p in self.params.values())
+        self.max_update_bytes = 4 * numel + 256 * len(self.params) + (1 << 20)
+        """Most bytes an encoded update of this model takes (fp32 data, header and metadata)."""
+
+    def check_update(self, path: Path) -> str:
+        """Why the update in ``path`` cannot be aggregated, or "" when it can.
+
+        It must decode, name exactly the model's parameters with their shapes, and hold only
+        finite floating-point values: anything else would poison or crash the outer step.
+        """
+        import torch
+
+        from hypha.training.compress import load_tensors_file
+
+        try:
+            tensors, _ = load_tensors_file(path)
+        except (ValueError, OSError, RuntimeError) as exc:
+            return f"not a readable tensor file: {exc}"
+        if set(tensors) != set(self.params):
+            missing, extra = sorted(set(self.params) - set(tensors)), sorted(set(tensors) - set(self.params))
+            return f"parameters differ from the model's (missing {missing[:3]}, unknown {extra[:3]})"
+        for name, tensor in tensors.items():
+            shape, wanted = tuple(tensor.shape), tuple(self.params[name].shape)
+            if shape != wanted:
+                return f"{name} has shape {shape}, the model's is {wanted}"
+            if not tensor.is_floating_point():
+                return f"{name} is not floating point"
+            if not bool(torch.isfinite(tensor).all()):
+                return f"{name} holds non-finite values"
+        return ""
 
     def write_weights(self, path: Path, round_: int, encoding: m.Encoding | None = None) -> None:
         from hypha.training.compress import save_tensors_file
