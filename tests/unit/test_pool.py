@@ -101,3 +101,27 @@ async def test_renewal_moves_the_expiry_and_wakes_followers(autojump_clock: trio
         assert pool.members["w1"].expires_at == pytest.approx(first_expiry + 7.5)
         assert pool.statistics().num_renewals == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_revoked_member_is_lost_at_once_and_never_leased_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    leaser = FakeLeaser(["w1", "w2"])
+    pool = Pool(spec(min_=1, target=2), leaser)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        await pool.wait_size(2)
+        lease = pool.members["w1"].lease_id
+        await pool.peer_revoked("w1")
+        assert "w1" not in pool.members
+        assert pool.loss_reason(lease) == "its certificate was revoked"
+        leaser.available.append("w1")  # the revoked worker offers itself again
+        await trio.sleep(10 * spec().retry_seconds)  # several reconcile rounds
+        assert pool.workers() == ["w2"]
+        leaser.available.append("w3")
+        await pool.wait_size(2)
+        assert set(pool.workers()) == {"w2", "w3"}
+        assert leaser.available == ["w1"]
+        await pool.peer_revoked("w9")  # not a member: nothing changes
+        assert pool.statistics().num_lost == 1
+        nursery.cancel_scope.cancel()

@@ -38,9 +38,18 @@ class FakeNode:
 
     def __init__(self) -> None:
         self.rpc = FakeRpc()
+        self.revocation_callbacks: list[Callable[[str], Awaitable[None]]] = []
 
     async def call(self, peer: str, msg: m.Msg) -> Any:
         return await self.rpc.handlers[type(msg)](peer, msg)
+
+    def on_peer_revoked(self, callback: Callable[[str], Awaitable[None]]) -> None:
+        self.revocation_callbacks.append(callback)
+
+    async def revoke(self, peer: str) -> None:
+        """What the node's CRL watcher does once it cut ``peer``."""
+        for callback in self.revocation_callbacks:
+            await callback(peer)
 
 
 CAPACITY = Resources(cpu=2, memory=2)
@@ -81,7 +90,9 @@ async def test_lease_expires_at_its_deadline_and_stops_its_tasks(
         await trio.sleep(2.0)
         assert ended == [("l1", "lease expired", start + 30.0)]
         assert leases.ledger.free() == CAPACITY
-        assert leases.statistics() == WorkerLeaseStatistics(num_renewed=0, num_released=0, num_expired=1)
+        assert leases.statistics() == WorkerLeaseStatistics(
+            num_renewed=0, num_released=0, num_expired=1, num_revoked=0
+        )
         assert leases.num_expired == 1
         nursery.cancel_scope.cancel()
 
@@ -120,7 +131,9 @@ async def test_release_ends_the_lease_at_once_and_only_for_its_holder(
         assert ended == [("l1", "released by its holder", trio.current_time())]
         await trio.sleep(60.0)
         assert len(ended) == 1  # the watcher does not end it a second time
-        assert leases.statistics() == WorkerLeaseStatistics(num_renewed=0, num_released=1, num_expired=0)
+        assert leases.statistics() == WorkerLeaseStatistics(
+            num_renewed=0, num_released=1, num_expired=0, num_revoked=0
+        )
         nursery.cancel_scope.cancel()
 
 
@@ -135,4 +148,31 @@ async def test_an_unanswered_offer_frees_its_resources_without_ending_tasks(
         assert leases.ledger.free() == CAPACITY
         assert ended == []
         assert leases.statistics().num_expired == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_revoked_holder_loses_every_lease_at_once_and_others_keep_theirs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        node, leases, ended = await open_leases(nursery)
+        grant(leases, "l1", 30.0)
+        half = Resources(cpu=0.5, memory=0.5)
+        leases.ledger.reserve("l2", "other", half, 5.0)
+        leases.ledger.promote("l2", "other", 30.0)
+        leases.changed()
+        await trio.sleep(10.0)
+        leases.ledger.reserve("offer", "sched", half, 5.0)  # an offer the revoked peer holds too
+        leases.changed()
+        await node.revoke("sched")
+        assert ended == [("l1", "the holder's certificate was revoked", trio.current_time())]
+        assert leases.ledger.get("offer") is None
+        assert [lease.lease_id for lease in leases.ledger] == ["l2"]
+        assert leases.statistics().num_revoked == 2
+        assert leases.ledger.free() == Resources(cpu=1.5, memory=1.5)
+        # The revoked holder's renewal finds nothing; the watcher never ends l1 a second time.
+        assert isinstance(await node.call("sched", m.RenewLeaseRequest(lease_id="l1")), m.LeaseGone)
+        await trio.sleep(25.0)
+        assert [e[0] for e in ended] == ["l1", "l2"]  # l2 only at its own expiry
+        assert leases.statistics().num_expired == 1
         nursery.cancel_scope.cancel()

@@ -4,8 +4,10 @@ Owns the only security transport a Hypha host offers (``/tls/1.0.0``). It presen
 node's CA-signed certificate instead of the library's self-signed one, and replaces the
 library's self-signed-only check with ``pki.verify.CertificateVerifier``: trust bundle, CRL,
 validity window, libp2p key binding and role. Refusals are logged on the accepting side with
-the reason and raised as ``AdmissionError`` on the dialing side. It also remembers the role
-of every admitted peer so that handlers can authorise by role.
+the reason and raised as ``AdmissionError`` on the dialing side. It also remembers the
+credentials of every admitted peer (``PeerDirectory``), so that handlers can authorise by
+role, and finds the admitted peers whose certificates a changed CRL revokes
+(``newly_revoked``); cutting their connections is the node's (``host.py``).
 """
 
 from __future__ import annotations
@@ -29,20 +31,38 @@ logger = logging.getLogger(__name__)
 
 
 class PeerDirectory:
-    """Credentials of every peer admitted since start, by peer ID."""
+    """Credentials of every peer admitted since start, by peer ID, and which are revoked.
+
+    A peer stays revoked until it is admitted again, which takes a certificate the CRL does
+    not revoke (a re-issued one): the handshake refuses the revoked one.
+    """
 
     def __init__(self) -> None:
         self._peers: dict[str, PeerCredentials] = {}
+        self._revoked: set[str] = set()
 
     def add(self, creds: PeerCredentials) -> None:
         self._peers[creds.peer_id] = creds
+        self._revoked.discard(creds.peer_id)
 
     def get(self, peer_id: str) -> PeerCredentials | None:
         return self._peers.get(peer_id)
 
     def role(self, peer_id: str) -> str | None:
+        """The admitted peer's role; None for a peer never admitted or since revoked."""
         creds = self._peers.get(peer_id)
-        return creds.role if creds else None
+        return creds.role if creds and peer_id not in self._revoked else None
+
+    def mark_revoked(self, peer_id: str) -> None:
+        """Refuse ``peer_id`` from now on (``is_revoked``) until it is admitted again."""
+        self._revoked.add(peer_id)
+
+    def is_revoked(self, peer_id: str) -> bool:
+        return peer_id in self._revoked
+
+    def admitted(self) -> list[PeerCredentials]:
+        """The credentials of every admitted peer not marked revoked."""
+        return [c for p, c in self._peers.items() if p not in self._revoked]
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -79,6 +99,24 @@ class AdmissionTransport(TLSTransport):
             num_refused_inbound=self._num_refused_inbound,
             num_refused_outbound=self._num_refused_outbound,
         )
+
+    def refresh_crls(self) -> bool:
+        """Re-read the CRL file if it changed; see ``CertificateVerifier.refresh_crls``.
+
+        Blocking: call it from a worker thread.
+        """
+        return self._verifier.refresh_crls()
+
+    def newly_revoked(self) -> list[str]:
+        """Mark revoked, and return, the admitted peers whose certificates the CRL revokes.
+
+        Checks against the CRL loaded last (by ``refresh_crls`` or a handshake); a peer is
+        returned once per revocation.
+        """
+        revoked = [c.peer_id for c in self._directory.admitted() if self._verifier.is_revoked(c)]
+        for peer_id in revoked:
+            self._directory.mark_revoked(peer_id)
+        return revoked
 
     def _extract_public_key_from_cert(self, cert: x509.Certificate) -> Any:
         creds, key_bytes = self._verifier.verify(cert)

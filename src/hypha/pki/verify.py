@@ -35,6 +35,8 @@ class PeerCredentials:
     role: str
     name: str
     serial: int
+    issuer: bytes
+    """The DER subject of the CA that issued the certificate (CRL entries are per issuer)."""
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,11 @@ def _load_pem_certs(path: Path) -> list[x509.Certificate]:
 class CertificateVerifier:
     """Verifies peer certificates against a trust bundle and CRLs.
 
-    The CRL file is re-read when its modification time changes, so revoking a certificate
-    takes effect for new connections without a restart.
+    The CRL file is re-read when its modification time or size changes, so revoking a
+    certificate takes effect for new connections without a restart; ``refresh_crls`` and
+    ``is_revoked`` let a node find the admitted peers whose certificates a new CRL revokes.
+    Each load replaces the revoked set in one assignment, so a reload in a worker thread and
+    a handshake on the event loop never see half of one.
     """
 
     def __init__(
@@ -72,23 +77,41 @@ class CertificateVerifier:
     ) -> None:
         self._cas = _load_pem_certs(trust_pem)
         self._crls_path = crls_pem
-        self._crl_mtime: float | None = None
-        self._revoked: set[tuple[bytes, int]] = set()
+        self._crls: tuple[tuple[int, int] | None, frozenset[tuple[bytes, int]]] = (None, frozenset())
+        """The CRL file's (mtime in ns, size) when last loaded, and the (issuer, serial) it revokes."""
         self._now = now
-        self._load_crls()
+        self.refresh_crls()
 
-    def _load_crls(self) -> None:
+    def refresh_crls(self) -> bool:
+        """Re-read the CRL file if it changed since the last load; return whether it did.
+
+        Blocking (a ``stat``, and a read when the file changed): a node's periodic check
+        runs it in a worker thread.
+
+        Raises:
+            ConfigError: the file cannot be read or holds something that is not a CRL (the
+                revoked set loaded before stays in force).
+        """
         path = self._crls_path
         if path is None:
-            return
+            return False
         try:
-            mtime = path.stat().st_mtime
+            info = path.stat()
+            stamp = (info.st_mtime_ns, info.st_size)
+            if stamp == self._crls[0]:
+                return False
+            data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read CRL file {path}: {exc}") from exc
-        if mtime == self._crl_mtime:
-            return
+        self._crls = (stamp, frozenset(self._parse_crls(path, data)))
+        return True
+
+    def is_revoked(self, creds: PeerCredentials) -> bool:
+        """Whether the CRL loaded last revokes the certificate ``creds`` were read from."""
+        return (creds.issuer, creds.serial) in self._crls[1]
+
+    def _parse_crls(self, path: Path, data: bytes) -> set[tuple[bytes, int]]:
         revoked: set[tuple[bytes, int]] = set()
-        data = path.read_bytes()
         blocks = [b for b in data.split(b"-----END X509 CRL-----") if b.strip()]
         for block in blocks:
             pem = block + b"-----END X509 CRL-----\n"
@@ -102,8 +125,7 @@ class CertificateVerifier:
                 continue
             issuer = ca.subject.public_bytes()
             revoked.update((issuer, entry.serial_number) for entry in crl)
-        self._revoked = revoked
-        self._crl_mtime = mtime
+        return revoked
 
     def _issuer_of_crl(self, crl: x509.CertificateRevocationList) -> x509.Certificate | None:
         for ca in self._cas:
@@ -136,8 +158,9 @@ class CertificateVerifier:
             )
         if now > cert.not_valid_after_utc:
             raise AdmissionError(f"certificate of {_cn(cert)!r} expired at {cert.not_valid_after_utc}")
-        self._load_crls()
-        if (ca.subject.public_bytes(), cert.serial_number) in self._revoked:
+        self.refresh_crls()
+        issuer = ca.subject.public_bytes()
+        if (issuer, cert.serial_number) in self._crls[1]:
             raise AdmissionError(f"certificate of {_cn(cert)!r} (serial {cert.serial_number:x}) is revoked")
         key_bytes, peer_id = _libp2p_binding(cert)
         uris = _peer_uris(cert)
@@ -147,9 +170,10 @@ class CertificateVerifier:
         role = str(roles[0].value) if roles else ""
         if role not in ROLES:
             raise AdmissionError(f"certificate of {_cn(cert)!r} names no known role (OU={role!r})")
-        return PeerCredentials(
-            peer_id=peer_id, role=role, name=_cn(cert), serial=cert.serial_number
-        ), key_bytes
+        creds = PeerCredentials(
+            peer_id=peer_id, role=role, name=_cn(cert), serial=cert.serial_number, issuer=issuer
+        )
+        return creds, key_bytes
 
 
 def _cn(cert: x509.Certificate) -> str:

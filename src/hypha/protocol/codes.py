@@ -15,6 +15,8 @@ TIMEOUT: Final = "timeout"
 UNSUPPORTED: Final = "unsupported"
 FORBIDDEN: Final = "forbidden"
 INTERNAL: Final = "internal"
+TOO_MANY_BYTES: Final = "too_many_bytes"
+"""The peer has too many request bytes being read at once; it may retry with fewer."""
 
 # Bulk channel refusals.
 UNKNOWN_TRANSFER: Final = "unknown"

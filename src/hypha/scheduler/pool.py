@@ -7,7 +7,9 @@ stays below ``min`` for longer than ``grace_seconds``. Nothing is announced on a
 that could fill up and drop a change: the pool's state is its ``members`` (by worker, each
 with its lease), and ``wait_changed`` wakes whoever follows it (the job driver reconciles
 its tasks against the members; a worker re-leased between two looks has a new lease id, so
-no change is ever missed). Why a member was lost is kept by lease id (``loss_reason``).
+no change is ever missed). Why a member was lost is kept by lease id (``loss_reason``). A
+member whose certificate is revoked is lost at once (``peer_revoked``, for
+``Node.on_peer_revoked``) and never leased again by this pool.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class Pool:
         self._changed = trio.Event()
         self._below_min_since: float | None = None
         self._reasons: OrderedDict[str, str] = OrderedDict()
+        self._revoked: set[str] = set()
         self._num_lost = 0
         self._num_joined = 0
         self._num_renewals = 0
@@ -145,7 +148,7 @@ class Pool:
                             self.spec.worker,
                             self.spec.price,
                             missing,
-                            exclude=frozenset(self.members),
+                            exclude=frozenset(self.members) | self._revoked,
                         )
                         for grant in grants:
                             self._join(grant, nursery)
@@ -218,6 +221,15 @@ class Pool:
             self._reasons.popitem(last=False)
         logger.warning("pool %s: lost %s: %s", self.spec.name, worker, reason)
         self._notify()
+
+    async def peer_revoked(self, peer: str) -> None:
+        """``peer``'s certificate was revoked: lose it if a member, and never lease it again.
+
+        The revoked peer cannot connect any more, so its lease is not released: the worker
+        ends it on its side when it learns of the revocation (or when it lapses).
+        """
+        self._revoked.add(peer)
+        self.lose(peer, "its certificate was revoked")
 
     async def release(self, grants: Iterable[Grant]) -> None:
         for grant in list(grants):

@@ -1,9 +1,10 @@
 """The worker's leases: who holds this worker's resources, and what happens on expiry.
 
 Owns the RPC handlers of the lease holder's requests (``RenewLease``, ``ReleaseLease``),
-the holder check that refuses anyone else (a forged request gets ``LeaseError``), and the
+the holder check that refuses anyone else (a forged request gets ``LeaseError``), the
 expiry watcher that frees resources promptly and tells the job manager to stop the tasks
-that ran under an expired or released lease.
+that ran under an expired or released lease, and ending every lease of a holder whose
+certificate is revoked (``Node.on_peer_revoked``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class WorkerLeaseStatistics:
     num_released: int
     num_expired: int
     """Accepted (renewable) leases that lapsed without their holder releasing them."""
+    num_revoked: int
+    """Leases (accepted or offered) ended because their holder's certificate was revoked."""
 
 
 class WorkerLeases:
@@ -46,14 +49,18 @@ class WorkerLeases:
         self._durations: dict[str, float] = {}
         self._changed = trio.Event()
         self._on_end: list[OnLeaseEnd] = []
-        self._num_renewed = self._num_released = self._num_expired = 0
+        self._num_renewed = self._num_released = self._num_expired = self._num_revoked = 0
         node.rpc.register(m.RenewLeaseRequest, self._renew, roles={"scheduler"})
         node.rpc.register(m.ReleaseLeaseRequest, self._release, roles={"scheduler"})
+        node.on_peer_revoked(self._holder_revoked)
 
     def statistics(self) -> WorkerLeaseStatistics:
         """Return a snapshot of the counters."""
         return WorkerLeaseStatistics(
-            num_renewed=self._num_renewed, num_released=self._num_released, num_expired=self._num_expired
+            num_renewed=self._num_renewed,
+            num_released=self._num_released,
+            num_expired=self._num_expired,
+            num_revoked=self._num_revoked,
         )
 
     @property
@@ -104,6 +111,24 @@ class WorkerLeases:
             self.changed()
             await self._ended(request.lease_id, "released by its holder")
         return m.Ack()
+
+    async def _holder_revoked(self, peer: str) -> None:
+        """End every lease ``peer`` holds: its resources free up, its tasks are stopped.
+
+        Offered (temporary) leases are dropped without stopping anything, as an unanswered
+        offer is; accepted ones end as a release does.
+        """
+        leases = self.ledger.by_holder(peer)
+        for lease in leases:
+            self.ledger.remove(lease.lease_id, peer)
+            self._durations.pop(lease.lease_id, None)
+            self._num_revoked += 1
+        if leases:
+            logger.warning("ending %d lease(s) of %s: its certificate is revoked", len(leases), peer)
+            self.changed()
+        for lease in leases:
+            if lease.kind is LeaseKind.RENEWABLE:
+                await self._ended(lease.lease_id, "the holder's certificate was revoked")
 
     async def _ended(self, lease_id: str, reason: str) -> None:
         for callback in self._on_end:

@@ -4,7 +4,8 @@ The sender registers an offer (size, sha256, one-time token, its direct ``host:p
 receiver pulls it over a direct mutual-TLS socket, or over a libp2p stream (through a relay
 when the sender does not listen), checks the sha256 while writing and retries. One
 mechanism per module: ``exchange`` (the frames both channels speak), ``offers`` (the
-sender's registry), ``direct`` (the TLS channel), ``stream`` (the fallback), ``pull``
+sender's registry), ``direct`` (the TLS channel), ``gate`` (the caps on its connections
+still handshaking), ``stream`` (the fallback), ``pull``
 (retries, channel choice), ``sockets`` (blocking socket helpers), ``stats`` (counters) and
 ``service`` (``BulkService``, which wires them together). Other packages import from here.
 """

@@ -3,8 +3,11 @@
 Owns the sender's listener and its per-connection exchange, and the receiver's side:
 connect, handshake, check that the listener is the expected peer, receive into a ``Sink``.
 The CA and CRL are checked by OpenSSL both ways, then the peer ID by
-``CertificateVerifier``. Byte loops run on synchronous ``ssl`` sockets in worker threads,
-which release the GIL while encrypting, hashing and writing. It neither judges requests
+``CertificateVerifier``. On the listener, the TLS handshake and the first frame (the
+token) run on the event loop on a non-blocking socket, within a handshake deadline and
+behind ``gate.py``'s caps, so that sockets that never speak, certificate or not, hold no
+worker thread. Byte loops run on synchronous ``ssl`` sockets in worker threads, which
+release the GIL while encrypting, hashing and writing. It neither judges requests
 (``offers.py``) nor retries or falls back to a stream (``pull.py``).
 """
 
@@ -20,8 +23,17 @@ import trio
 
 from hypha.errors import AdmissionError, HyphaError, TransferError
 from hypha.net.bulk.exchange import CHANGED, CHUNK_BYTES, expect_go, pull_request
+from hypha.net.bulk.gate import HandshakeGate
 from hypha.net.bulk.offers import Offers, Pending
-from hypha.net.bulk.sockets import fill, in_thread, peer_credentials, peername, read_frame_blocking
+from hypha.net.bulk.sockets import (
+    fill,
+    handshake,
+    in_thread,
+    peer_credentials,
+    peername,
+    read_frame_blocking,
+    receive_frame,
+)
 from hypha.net.sink import HashingWriter, Sink
 from hypha.pki.verify import CertificateVerifier, PeerCredentials, TlsFiles, bulk_ssl_context
 from hypha.protocol import codec
@@ -42,6 +54,12 @@ class DirectChannel:
         offers: the sender's registry that judges incoming requests.
         limiter: worker threads for the byte loops.
         idle_timeout_seconds: longest silence on a connection before it counts as failed.
+        gate: the caps on the listener's connections still handshaking.
+        handshake_timeout_seconds: how long an accepted connection has for its TLS handshake
+            and its first frame, in all.
+
+    Raises:
+        ValueError: ``handshake_timeout_seconds`` is not positive.
     """
 
     def __init__(
@@ -50,13 +68,20 @@ class DirectChannel:
         offers: Offers,
         limiter: trio.CapacityLimiter,
         idle_timeout_seconds: float,
+        *,
+        gate: HandshakeGate,
+        handshake_timeout_seconds: float,
     ) -> None:
+        if not handshake_timeout_seconds > 0:
+            raise ValueError("handshake_timeout_seconds must be positive")
         self._server_ctx = bulk_ssl_context(files, server_side=True)
         self._client_ctx = bulk_ssl_context(files, server_side=False)
         self._verifier = CertificateVerifier(files.trust, files.crls)
         self._offers = offers
         self._limiter = limiter
         self._idle = idle_timeout_seconds
+        self._gate = gate
+        self._handshake_seconds = handshake_timeout_seconds
         self._address: str | None = None
 
     @property
@@ -106,42 +131,56 @@ class DirectChannel:
         The per-connection error boundary of the listener.
         """
         sock = socket.socket(fileno=conn.detach())
-        sock.setblocking(True)
-        remote = peername(sock)
+        sock.setblocking(False)
+        host, remote = peername(sock)
         try:
             with (
                 sock,
                 self._server_ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False) as tls,
             ):
-                tls.settimeout(self._idle)
+                if not self._gate.enter(host):
+                    return  # closed at once: too many connections still handshaking
                 try:
-                    with trio.fail_after(self._idle):
-                        request, creds = await in_thread(
-                            lambda: self._accept_blocking(tls), tls, self._limiter
-                        )
-                except (OSError, HyphaError, trio.TooSlowError) as exc:
-                    self._offers.refused(remote, exc)
-                    return
-                decision = self._offers.check(request, creds.peer_id)
-                if isinstance(decision, m.ErrorResponse):
-                    frame = codec.encode_frame(decision)
-                    with contextlib.suppress(OSError):
-                        await in_thread(lambda: tls.sendall(frame), tls, self._limiter)
-                    return
-                pending = decision
-                try:
-                    ack = await in_thread(lambda: self._send_blocking(tls, pending), tls, self._limiter)
-                except (OSError, HyphaError) as exc:
-                    logger.warning("direct send of %s failed: %s", pending.offer.transfer_id, exc)
-                    return
-                self._offers.confirmed(pending, ack, creds.peer_id, "direct")
+                    accepted = await self._accept(tls, remote)
+                finally:
+                    self._gate.leave(host)
+                if accepted is not None:
+                    tls.settimeout(self._idle)  # blocking from here on, for the worker threads
+                    await self._answer(tls, *accepted)
         except Exception:
             logger.exception("direct bulk connection from %s failed", remote)
 
-    def _accept_blocking(self, tls: ssl.SSLSocket) -> tuple[m.Msg, PeerCredentials]:
-        tls.do_handshake()
-        creds = peer_credentials(tls, self._verifier)
-        return read_frame_blocking(tls), creds
+    async def _accept(self, tls: ssl.SSLSocket, remote: str) -> tuple[m.Msg, PeerCredentials] | None:
+        """Handshake, authenticate and read the request within the deadline; None if refused.
+
+        On the event loop, on the non-blocking socket: waiting for the peer takes no thread.
+        """
+        try:
+            with trio.fail_after(self._handshake_seconds):
+                await handshake(tls)
+                creds = peer_credentials(tls, self._verifier)
+                return await receive_frame(tls), creds
+        except trio.TooSlowError:
+            self._gate.timed_out(remote, self._handshake_seconds)
+        except (OSError, HyphaError) as exc:
+            self._offers.refused(remote, exc)
+        return None
+
+    async def _answer(self, tls: ssl.SSLSocket, request: m.Msg, creds: PeerCredentials) -> None:
+        """Judge the request; send the file (or the refusal) and take the receiver's verdict."""
+        decision = self._offers.check(request, creds.peer_id)
+        if isinstance(decision, m.ErrorResponse):
+            frame = codec.encode_frame(decision)
+            with contextlib.suppress(OSError):
+                await in_thread(lambda: tls.sendall(frame), tls, self._limiter)
+            return
+        pending = decision
+        try:
+            ack = await in_thread(lambda: self._send_blocking(tls, pending), tls, self._limiter)
+        except (OSError, HyphaError) as exc:
+            logger.warning("direct send of %s failed: %s", pending.offer.transfer_id, exc)
+            return
+        self._offers.confirmed(pending, ack, creds.peer_id, "direct")
 
     def _send_blocking(self, tls: ssl.SSLSocket, pending: Pending) -> m.Msg:
         """Send ``TransferDone`` and the file (or ``CHANGED``); return the receiver's answer."""

@@ -14,13 +14,16 @@ from typing import Final, Literal
 
 from hypha.errors import ProtocolError
 from hypha.net.sink import FinalTransferError
-from hypha.protocol import codes
+from hypha.protocol import codec, codes
 from hypha.protocol import messages as m
 
 CHUNK_BYTES: Final = 4 * 1024 * 1024
 """Unit of file reads, socket writes and disk writes on the direct channel."""
 STREAM_CHUNK_BYTES: Final = 1024 * 1024
 """Unit of libp2p stream writes (Yamux is fastest around 1 MiB)."""
+FRAME_LIMIT_BYTES: Final = codec.DEFAULT_MAX_BYTES
+"""Largest frame either side reads: the exchange's frames are small, so a peer announcing a
+big one is refused before its body is buffered."""
 CHANGED: Final = m.ErrorResponse(code=codes.CHANGED, detail="the file changed size since the offer")
 """The sender's answer when the offered file no longer has the offered size."""
 

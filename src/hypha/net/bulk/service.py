@@ -1,8 +1,8 @@
 """``BulkService``: the one object roles use to offer files to peers and pull offered files.
 
 Owns wiring the bulk mechanisms of one node together (the offer registry, the direct TLS
-channel, the stream fallback, the pull with retries, the shared counters and worker
-threads), starting the listener and the stream handler, and giving received files back
+channel and its handshake gate, the stream fallback, the pull with retries, the shared
+counters and worker threads), starting the listener and the stream handler, and giving received files back
 to the spares. It does not decide what to send or where to store it (roles do), nor how
 offers travel (an RPC such as ``TensorPushRequest`` or ``WeightsRequest``).
 """
@@ -16,6 +16,7 @@ import trio
 
 from hypha.errors import TransferError
 from hypha.net.bulk.direct import DirectChannel
+from hypha.net.bulk.gate import HandshakeGate
 from hypha.net.bulk.offers import Offers, describe_file
 from hypha.net.bulk.pull import Puller
 from hypha.net.bulk.sockets import advertised_host, listen_host
@@ -37,6 +38,14 @@ class BulkService:
         max_threads: worker threads for byte loops and file I/O.
         spares: recycled files that pulls overwrite instead of creating new ones (see
             ``spares.py``); ``recycle`` gives files back to it.
+        handshake_timeout_seconds: how long a connection to the direct listener has for its
+            TLS handshake and first frame; anyone can connect, so this is short.
+        max_handshakes: connections to the listener still handshaking at once; past it a
+            new one is closed at once (``num_handshakes_refused``).
+        max_handshakes_per_host: the same cap for the connections from one remote host.
+
+    Raises:
+        ValueError: a cap below 1 or a handshake timeout that is not positive.
     """
 
     def __init__(
@@ -47,13 +56,26 @@ class BulkService:
         idle_timeout_seconds: float = 30.0,
         max_threads: int = 8,
         spares: SpareFiles | None = None,
+        handshake_timeout_seconds: float = 5.0,
+        max_handshakes: int = 64,
+        max_handshakes_per_host: int = 16,
     ) -> None:
         self._node = node
         self._spares = spares
         self._limiter = trio.CapacityLimiter(max_threads)
         self._counters = Counters()
         self._offers = Offers(self._counters)
-        self._direct = DirectChannel(node.settings.tls, self._offers, self._limiter, idle_timeout_seconds)
+        self._gate = HandshakeGate(
+            self._counters, max_handshakes=max_handshakes, max_per_host=max_handshakes_per_host
+        )
+        self._direct = DirectChannel(
+            node.settings.tls,
+            self._offers,
+            self._limiter,
+            idle_timeout_seconds,
+            gate=self._gate,
+            handshake_timeout_seconds=handshake_timeout_seconds,
+        )
         self._stream = StreamChannel(node, self._offers, self._limiter, idle_timeout_seconds)
         self._puller = Puller(
             self._direct,
@@ -77,8 +99,8 @@ class BulkService:
             self._spares.give(path)
 
     def statistics(self) -> BulkStatistics:
-        """Return a snapshot of the counters of both sides and the pending offers."""
-        return self._counters.snapshot(num_pending=len(self._offers))
+        """Return a snapshot of the counters of both sides, pending offers, open handshakes."""
+        return self._counters.snapshot(num_pending=len(self._offers), num_handshaking=len(self._gate))
 
     async def run(self, *, task_status: trio.TaskStatus[str | None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the stream fallback and, if the node listens, the direct TLS listener.

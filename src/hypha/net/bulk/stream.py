@@ -16,7 +16,14 @@ import os
 import trio
 
 from hypha.errors import HyphaError, TransferError
-from hypha.net.bulk.exchange import CHANGED, CHUNK_BYTES, STREAM_CHUNK_BYTES, expect_go, pull_request
+from hypha.net.bulk.exchange import (
+    CHANGED,
+    CHUNK_BYTES,
+    FRAME_LIMIT_BYTES,
+    STREAM_CHUNK_BYTES,
+    expect_go,
+    pull_request,
+)
 from hypha.net.bulk.offers import Offers
 from hypha.net.host import Node
 from hypha.net.rpc import Stream, read_frame, write_frame
@@ -53,7 +60,7 @@ class StreamChannel:
         """The sender's handler of one ``/hypha/tensor/1`` stream from ``peer``."""
         try:
             with trio.fail_after(self._idle):
-                decision = self._offers.check(await read_frame(stream), peer)
+                decision = self._offers.check(await read_frame(stream, FRAME_LIMIT_BYTES), peer)
             if isinstance(decision, m.ErrorResponse):
                 with trio.fail_after(self._idle):
                     await write_frame(stream, decision)
@@ -74,7 +81,7 @@ class StreamChannel:
                         await stream.write(data)
                     remaining -= len(data)
             with trio.fail_after(self._idle):
-                self._offers.confirmed(decision, await read_frame(stream), peer, "stream")
+                self._offers.confirmed(decision, await read_frame(stream, FRAME_LIMIT_BYTES), peer, "stream")
         except (HyphaError, trio.TooSlowError) as exc:
             logger.warning("stream transfer to %s failed: %s", peer, exc or "timeout")
         finally:
@@ -91,7 +98,7 @@ class StreamChannel:
         try:
             with trio.fail_after(self._idle):
                 await write_frame(stream, pull_request(offer))
-                expect_go(await read_frame(stream), offer)
+                expect_go(await read_frame(stream, FRAME_LIMIT_BYTES), offer)
             remaining = offer.size
             chunks: list[bytes] = []
             while remaining > 0:
