@@ -68,6 +68,13 @@ def test_garbage_never_escapes_as_another_error(data: bytes) -> None:
         codec.decode_frame(data)
 
 
+def test_a_string_that_is_not_utf8_is_a_protocol_error() -> None:
+    # msgpack fixmap{kind: "HealthRequest"} with the value's bytes broken: \xff is never UTF-8.
+    body = msgspec.msgpack.encode({"kind": "HealthRequest"}).replace(b"Health", b"\xffealth")
+    with pytest.raises(codec.ProtocolError, match="malformed"):
+        codec.decode_body(body)
+
+
 def test_limits_and_versions() -> None:
     big = m.TaskStatus(task_id="t", job_id="j", state="failed", detail="x" * 40_000)
     with pytest.raises(codec.ProtocolError, match="limit"):

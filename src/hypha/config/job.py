@@ -143,6 +143,15 @@ class PoolSection:
 
 
 @dataclass(frozen=True)
+class ParameterServerPool(PoolSection):
+    """The parameter server's pool: exactly one member, so a table need not say so."""
+
+    executor: str = doc("Executor name the worker must offer.", "parameter-server")
+    min: int = doc("Fewest members (1: the job cannot run without its server).", 1)
+    target: int = doc("Members to keep leased (exactly 1 is supported).", 1)
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A DiLoCo training job."""
 
@@ -172,9 +181,8 @@ class JobSpec:
     inner: InnerSection = doc("Inner optimizer.", default_factory=InnerSection)
     outer: OuterSection = doc("Outer optimizer.", default_factory=OuterSection)
     trainers: PoolSection = doc("Trainer pool.", default_factory=PoolSection)
-    parameter_server: PoolSection = doc(
-        "Parameter server pool (target 1).",
-        default_factory=lambda: PoolSection(executor="parameter-server", min=1, target=1),
+    parameter_server: ParameterServerPool = doc(
+        "Parameter server pool (target 1).", default_factory=ParameterServerPool
     )
     lease_seconds: float | None = doc("Override the scheduler's lease lifetime for this job.", None)
 

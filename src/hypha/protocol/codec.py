@@ -64,7 +64,7 @@ def decode_body(body: bytes) -> m.Msg:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
         msg: m.Msg = _decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed message: {exc}") from exc
     limit = max_bytes(type(msg))
     if len(body) > limit:
@@ -115,5 +115,5 @@ def decode_json(data: bytes | str, kind: type[T]) -> T:
     """Decode and validate a JSON document as ``kind``."""
     try:
         return msgspec.json.decode(data, type=kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"invalid {kind.__name__}: {exc}") from exc
