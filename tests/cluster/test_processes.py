@@ -66,8 +66,8 @@ async def test_gateway_and_two_processes_dht_gossip_rpc(pki: Pki, tmp_path: Path
         ):
             pa, pb = PeerClient(a), PeerClient(b)
             with trio.fail_after(60):
-                await pa.call(op="put", key="/hypha/dataset/books", value="books")
-                assert await pb.call(op="get", key="/hypha/dataset/books") == "books"
+                await pa.call(op="put", key="/hypha/probe/books", value="books")
+                assert await pb.call(op="get", key="/hypha/probe/books") == "books"
                 assert (await pb.call(op="echo", peer=a.peer_id, payload="ping")) == f"ping from {a.peer_id}"
                 await pa.call(op="subscribe")
                 seen = None

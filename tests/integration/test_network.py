@@ -34,10 +34,21 @@ async def test_dht_gossip_rpc_between_nodes(pki: Pki) -> None:
             open_test_node(pki, "a", "worker", gateways=[addr]) as a,
             open_test_node(pki, "b", "scheduler", gateways=[addr]) as b,
         ):
-            record = m.DatasetRecord(name="text", num_slices=4, manifest_sha256="00" * 32)
-            await a.dht.put(ids.dataset_key("text"), record)
+            record = m.EchoRequest(payload="a record")
+            await a.dht.put("/hypha/probe/text", record)
             with trio.fail_after(10):
-                assert await b.dht.get(ids.dataset_key("text"), m.DatasetRecord) == record
+                assert await b.dht.get("/hypha/probe/text", m.EchoRequest) == record
+            # A worker cannot announce a dataset: those records only data nodes sign.
+            unsigned = m.DatasetRecord(
+                name="text",
+                num_slices=4,
+                manifest_sha256="00" * 32,
+                peer_id=a.peer_id,
+                certificate=b"",
+                signature=b"",
+            )
+            with pytest.raises(NetworkError):
+                await a.dht.put(ids.dataset_key("text"), unsigned)
 
             async def echo(peer: str, req: m.EchoRequest) -> m.EchoResponse:
                 assert peer == b.peer_id

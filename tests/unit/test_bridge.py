@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from hypha import errors
 from hypha.bridge import (
     MAX_BODY_BYTES,
+    MAX_HEAD_BYTES,
     SSE_KEEPALIVE_SECONDS,
     BridgeBackend,
     Inbox,
@@ -454,6 +456,94 @@ async def test_hanging_up_cancels_the_backend_call(bridge: Bridge) -> None:
     await assert_healthy(bridge)
 
 
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("a" * 5000, "too long"),
+        ("a" * 300, "longer than 255 bytes"),
+        ("a/" * 40 + "x", "41 components"),
+        ("x\x01y", "control characters"),
+        ("x\x7fy", "control characters"),
+        ("a/\n/b", "control characters"),
+        ("x\x00y", "NUL byte"),
+        ("\udc80.bin", "malformed"),  # a lone surrogate: msgspec refuses the JSON
+        (b"\xff\xfe.bin", "malformed"),  # bytes that are not UTF-8
+        ("loop/x", "cannot be resolved"),
+    ],
+)
+async def test_odd_paths_are_400_never_500(
+    nursery: trio.Nursery,
+    short_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    path: str | bytes,
+    reason: str,
+) -> None:
+    # The default body limit, so that a 5000-character path reaches the path rule (it was a 500).
+    socket_path, work_dir = await open_bridge(nursery, short_dir, FakeBackend())
+    (work_dir / "loop").symlink_to("loop")
+    async with client_for(socket_path) as client:
+        if isinstance(path, bytes):
+            request = b'{"path": "' + path + b'", "peers": ["a"]}'
+        else:
+            request = json.dumps({"path": path, "peers": ["a"]}).encode()
+        response = await client.post("/resources/send", content=request)
+        await assert_refused(response, 400, "invalid_request")
+        assert reason in response.json()["detail"]
+        assert len(response.json()["detail"]) < 200  # the start of the path, not all of it
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback
+        assert (await client.get("/health")).status_code == 200
+
+
+async def raw_exchange(socket_path: Path, head: bytes) -> int:
+    """Send one raw request head; return the answer's status (the server closes after it)."""
+    stream = await trio.open_unix_socket(str(socket_path))
+    async with stream:
+        await stream.send_all(head)
+        answer = b""
+        with trio.fail_after(10):
+            while b"\r\n" not in answer:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+async def test_odd_request_paths_and_heads_are_4xx(bridge: Bridge) -> None:
+    close = b"Host: hypha\r\nConnection: close\r\n\r\n"
+    # Too long for any route, or with control characters: 400 from the app, no traceback.
+    assert await raw_exchange(bridge.socket_path, b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n" + close) == 400
+    assert await raw_exchange(bridge.socket_path, b"GET /a%01b HTTP/1.1\r\n" + close) == 400
+    assert await raw_exchange(bridge.socket_path, b"GET /a%ff%fe HTTP/1.1\r\n" + close) == 404
+    # Past MAX_HEAD_BYTES the server itself refuses the head (431), before any route runs.
+    huge_line = b"GET /" + b"a" * (MAX_HEAD_BYTES + 1) + b" HTTP/1.1\r\n" + close
+    assert 400 <= await raw_exchange(bridge.socket_path, huge_line) < 500
+    huge_header = b"GET /health HTTP/1.1\r\nX-Big: " + b"y" * (MAX_HEAD_BYTES + 1) + b"\r\n" + close
+    assert await raw_exchange(bridge.socket_path, huge_header) == 431
+    await assert_healthy(bridge)
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o770, 0o701])
+async def test_socket_directory_must_be_private(short_dir: Path, mode: int) -> None:
+    shared = short_dir / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="must be private")):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_bridge, FakeBackend(), shared / "b.sock", short_dir)
+    assert not (shared / "b.sock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a directory to another user")
+async def test_socket_directory_of_another_user_is_refused(short_dir: Path) -> None:
+    theirs = short_dir / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="belongs to uid 65534")):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_bridge, FakeBackend(), theirs / "b.sock", short_dir)
+
+
 # --- resolve_in -----------------------------------------------------------------------------
 
 
@@ -482,6 +572,19 @@ def test_resolve_in_never_escapes(parts: list[str], absolute: bool) -> None:
     assert resolved.is_relative_to(root)
     assert not absolute
     assert ".." not in parts
+
+
+@given(st.text(max_size=300) | st.text(alphabet="ab/\x00\n.", max_size=2000))
+def test_resolve_in_refuses_with_value_error_only(rel: str) -> None:
+    root = Path(tempfile.gettempdir()).resolve() / "hypha-resolve-root"
+    try:
+        resolved = resolve_in(root, rel)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        assert resolved.is_relative_to(root)
+        return
+    assert len(message) < 200  # the start of the path at most
 
 
 def test_fake_backend_satisfies_the_protocol() -> None:

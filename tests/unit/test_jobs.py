@@ -59,6 +59,9 @@ class FakeNode:
     async def call(self, peer: str, msg: m.Msg) -> Any:
         return await self.rpc.handlers[type(msg)](peer, msg)
 
+    def on_peer_revoked(self, callback: Any) -> None:
+        """No CRL here: no peer is ever revoked."""
+
     async def request(self, peer: str, msg: m.Msg, expect: type[Any], *args: Any, **kwargs: Any) -> Any:
         assert isinstance(msg, m.TaskStatus), msg
         self.num_attempts += 1

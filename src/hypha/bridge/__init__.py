@@ -8,10 +8,11 @@ client is ``hypha.training.session``.
 
 from hypha.bridge.api import SSE_KEEPALIVE_SECONDS, BridgeBackend, openapi_document, resolve_in
 from hypha.bridge.inbox import Inbox, InboxStatistics, Subscription
-from hypha.bridge.server import MAX_BODY_BYTES, BridgeApp, BridgeStatistics, serve_bridge
+from hypha.bridge.server import MAX_BODY_BYTES, MAX_HEAD_BYTES, BridgeApp, BridgeStatistics, serve_bridge
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "MAX_HEAD_BYTES",
     "SSE_KEEPALIVE_SECONDS",
     "BridgeApp",
     "BridgeBackend",

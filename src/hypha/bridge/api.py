@@ -8,6 +8,7 @@ status codes. ``resolve_in`` confines executor-supplied paths to the task's work
 
 from __future__ import annotations
 
+import unicodedata
 from contextlib import AbstractContextManager
 from pathlib import Path, PurePosixPath
 from typing import Final, Protocol
@@ -77,32 +78,76 @@ class BridgeBackend(Protocol):
         ...
 
 
+MAX_PATH_BYTES: Final = 1024
+"""Longest executor path (UTF-8 bytes) ``resolve_in`` takes; a task's files are never deeper."""
+
+MAX_PATH_COMPONENTS: Final = 32
+"""Most components an executor path may have."""
+
+MAX_COMPONENT_BYTES: Final = 255
+"""Longest component (NAME_MAX on Linux): a longer one could only fail in the filesystem."""
+
+
 def resolve_in(work_dir: Path, rel: str) -> Path:
     """Return the absolute, symlink-free path of ``rel`` inside ``work_dir``.
 
     The path need not exist. Symlinks that do exist are followed, and the result must
-    still lie inside ``work_dir``.
+    still lie inside ``work_dir``. Every refusal is a ``ValueError`` whose message shows at
+    most the start of ``rel``, so that no input ends up as a filesystem error (a 500).
 
     Args:
         work_dir: the task's work directory.
         rel: a relative POSIX path supplied by the executor.
 
     Raises:
-        ValueError: ``rel`` is empty, absolute, has a ``..`` component or a NUL byte, or
-            resolves (through symlinks) to a place outside ``work_dir``.
+        ValueError: ``rel`` is empty, absolute, longer than ``MAX_PATH_BYTES``, has more
+            than ``MAX_PATH_COMPONENTS`` components or one longer than
+            ``MAX_COMPONENT_BYTES``, has a ``..`` component, a NUL byte or another control
+            character, is not valid UTF-8 (a lone surrogate), or cannot be resolved (a
+            symlink loop) or resolves (through symlinks) to a place outside ``work_dir``.
     """
-    if not rel or "\x00" in rel:
-        raise ValueError("path must be a non-empty string without NUL bytes")
+    _check_shape(rel)
     pure = PurePosixPath(rel)
     if pure.is_absolute():
-        raise ValueError(f"path {rel!r} is absolute; give it relative to the work dir")
+        raise ValueError(f"path {_shown(rel)} is absolute; give it relative to the work dir")
     if ".." in pure.parts:
-        raise ValueError(f"path {rel!r} has a '..' component")
+        raise ValueError(f"path {_shown(rel)} has a '..' component")
+    if len(pure.parts) > MAX_PATH_COMPONENTS:
+        raise ValueError(
+            f"path {_shown(rel)} has {len(pure.parts)} components (at most {MAX_PATH_COMPONENTS})"
+        )
+    if any(len(part.encode()) > MAX_COMPONENT_BYTES for part in pure.parts):
+        raise ValueError(f"path {_shown(rel)} has a component longer than {MAX_COMPONENT_BYTES} bytes")
     root = work_dir.resolve()
-    resolved = root.joinpath(pure).resolve()
+    try:
+        resolved = root.joinpath(pure).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python 3.11)
+        raise ValueError(f"path {_shown(rel)} cannot be resolved: {exc}") from exc
     if not resolved.is_relative_to(root):
-        raise ValueError(f"path {rel!r} escapes the work dir")
+        raise ValueError(f"path {_shown(rel)} escapes the work dir")
     return resolved
+
+
+def _check_shape(rel: str) -> None:
+    """Refuse what no file name of a task has: emptiness, huge sizes, control characters."""
+    if not isinstance(rel, str) or not rel:
+        raise ValueError("path must be a non-empty string")
+    if "\x00" in rel:
+        raise ValueError(f"path {_shown(rel)} has a NUL byte")
+    try:
+        size = len(rel.encode())
+    except UnicodeEncodeError:
+        raise ValueError(f"path {_shown(rel)} is not valid UTF-8 (it holds a lone surrogate)") from None
+    if size > MAX_PATH_BYTES:
+        raise ValueError(f"path of {size} bytes is too long (at most {MAX_PATH_BYTES})")
+    if any(unicodedata.category(c) == "Cc" for c in rel):
+        raise ValueError(f"path {_shown(rel)} has control characters")
+
+
+def _shown(rel: str) -> str:
+    """``rel`` for a message: its start, printable, whatever it holds."""
+    text = rel if len(rel) <= 60 else rel[:60] + "..."
+    return ascii(text)
 
 
 def _json_body(name: str) -> dict[str, object]:

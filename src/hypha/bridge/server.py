@@ -1,20 +1,19 @@
 """The job bridge HTTP server: a small ASGI app served by hypercorn on a Unix socket.
 
-Owns routing, body limits, server-sent events, and the socket's lifetime (mode 0600,
-removed on exit); the ASGI plumbing and the mapping of backend exceptions to status codes
-are ``bridge/asgi.py``. It does not know how files are fetched or sent: every route calls
-``BridgeBackend``. Every rejected request is answered with a JSON ``ErrorBody`` and logged at
-WARNING; no input can stop the server.
+Owns routing, body limits, limits on the request head (``MAX_HEAD_BYTES``: hypercorn answers
+431 past it) and on the request path (400), server-sent events, and the socket's lifetime
+(bound private by ``bridge/unix.py``, removed on exit); the ASGI plumbing and the mapping of
+backend exceptions to status codes are ``bridge/asgi.py``. It does not know how files are
+fetched or sent: every route calls ``BridgeBackend``. Every rejected request is answered with
+a JSON ``ErrorBody`` and logged at WARNING, showing at most the start of what the client
+sent; no input can stop the server, and none becomes a 500.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import socket
-import stat
+import unicodedata
 import urllib.parse
 from dataclasses import dataclass
 from functools import partial
@@ -48,6 +47,7 @@ from hypha.bridge.asgi import (
     unless_hung_up,
 )
 from hypha.bridge.inbox import Subscription
+from hypha.bridge.unix import bind_private_socket, remove_socket
 from hypha.protocol import bridge as b
 from hypha.protocol.codec import ProtocolError as CodecProtocolError
 from hypha.protocol.codec import decode_json, encode_json
@@ -63,7 +63,12 @@ MAX_BODY_BYTES: Final = 1024 * 1024
 _MAX_DRAIN_BYTES: Final = 64 * 1024 * 1024
 """An oversized body is read and discarded up to this much so the client sees the 413."""
 
-_MAX_UNIX_PATH_BYTES: Final = 107
+MAX_HEAD_BYTES: Final = 16 * 1024
+"""Largest request line plus headers; hypercorn answers 431 past it, before any route runs."""
+
+MAX_ROUTE_CHARS: Final = 256
+"""Longest request path taken for routing: every route is short, a longer path is a 400."""
+
 T = TypeVar("T")
 
 
@@ -136,28 +141,32 @@ class BridgeApp:
         # The per-request boundary: nothing a client sends may escape from here.
         self._num_requests += 1
         try:
+            _check_head(ex)
             methods = self._routes.get(ex.path)
             if methods is None:
-                raise Reject(404, "not_found", f"no route {ex.path}")
+                raise Reject(404, "not_found", f"no route {_shown(ex.path)}")
             handler = methods.get(ex.method)
             if handler is None:
                 allow = [(b"allow", ", ".join(methods).encode())]
-                raise Reject(405, "method_not_allowed", f"{ex.method} {ex.path}", allow)
+                raise Reject(405, "method_not_allowed", f"{_shown(ex.method)} {ex.path}", allow)
             await handler(ex)
         except HungUp:
             self._num_hung_up += 1
-            logger.warning("bridge %s %s: the executor hung up before the answer", ex.method, ex.path)
+            logger.warning(
+                "bridge %s %s: the executor hung up before the answer", _shown(ex.method), _shown(ex.path)
+            )
         except Reject as exc:
             await self._refuse(ex, exc.status, exc.error, exc.detail, exc.headers)
         except Exception as exc:
             status, code = classify(exc)
             if status == 500:
-                logger.error("bridge %s %s failed", ex.method, ex.path, exc_info=exc)
+                logger.error("bridge %s %s failed", _shown(ex.method), _shown(ex.path), exc_info=exc)
             await self._refuse(ex, status, code, str(exc) or type(exc).__name__, [])
 
     async def _refuse(self, ex: Exchange, status: int, error: str, detail: str, headers: Headers) -> None:
         self._num_refused += 1
-        logger.warning("bridge refused %s %s: %d %s: %s", ex.method, ex.path, status, error, detail)
+        method, path = _shown(ex.method), _shown(ex.path)
+        logger.warning("bridge refused %s %s: %d %s: %s", method, path, status, error, detail)
         if ex.started:
             return  # mid-stream (SSE): nothing more can be said; the stream just ends
         body = encode_json(b.ErrorBody(error=error, detail=detail))
@@ -194,8 +203,8 @@ class BridgeApp:
         data = await self._read_body(ex)
         try:
             return decode_json(data, kind)
-        except CodecProtocolError as exc:
-            raise Reject(400, "invalid_request", str(exc)) from exc
+        except (CodecProtocolError, UnicodeDecodeError) as exc:
+            raise Reject(400, "invalid_request", f"malformed {kind.__name__} body: {exc}") from exc
 
     # --- routes ---------------------------------------------------------------------------
 
@@ -215,8 +224,14 @@ class BridgeApp:
     async def _send(self, ex: Exchange) -> None:
         request = await self._decode(ex, b.SendRequest)
         path = resolve_in(self._work_dir, request.path)
-        if not await trio.Path(path).is_file():
-            raise Reject(400, "invalid_request", f"{request.path!r} is not a file")
+        try:
+            is_file = await trio.Path(path).is_file()
+        except OSError as exc:  # e.g. EACCES: the caller's path, not the server's failure
+            raise Reject(
+                400, "invalid_request", f"{_shown(request.path)} cannot be read: {exc.strerror}"
+            ) from exc
+        if not is_file:
+            raise Reject(400, "invalid_request", f"{_shown(request.path)} is not a file")
         delivered = await unless_hung_up(ex, partial(self._backend.send, request, path))
         await ex.reply(200, encode_json(b.SendResponse(delivered=delivered)))
 
@@ -284,6 +299,30 @@ class BridgeApp:
         await ex.reply(200, self._openapi)
 
 
+def _check_head(ex: Exchange) -> None:
+    """Refuse a head past ``MAX_HEAD_BYTES`` (431) or a path no route could have (400).
+
+    hypercorn refuses a head that arrives in pieces past the limit; one that arrives whole
+    reaches the app, so the app checks too.
+    """
+    size = len(ex.path) + sum(len(name) + len(value) + 4 for name, value in ex.headers)
+    if size > MAX_HEAD_BYTES:
+        detail = f"request head of {size} bytes (at most {MAX_HEAD_BYTES})"
+        raise Reject(431, "headers_too_large", detail, CLOSE)
+    path = ex.path
+    if len(path) > MAX_ROUTE_CHARS:
+        raise Reject(
+            400, "invalid_request", f"request path of {len(path)} characters (at most {MAX_ROUTE_CHARS})"
+        )
+    if any(unicodedata.category(c) == "Cc" for c in path):
+        raise Reject(400, "invalid_request", f"request path {_shown(path)} has control characters")
+
+
+def _shown(text: str) -> str:
+    """Client input for a message or a log line: its start, in ASCII."""
+    return ascii(text if len(text) <= 80 else text[:80] + "...")[1:-1]
+
+
 def _idle_seconds(query: bytes) -> float:
     """The receive stream's ``idle`` parameter (infinite when absent); 400 when malformed."""
     try:
@@ -306,31 +345,6 @@ def _idle_seconds(query: bytes) -> float:
     return idle
 
 
-def _bind_unix(socket_path: Path, backlog: int) -> socket.socket:
-    """Bind and listen on ``socket_path`` with mode 0600, replacing a stale socket file."""
-    if len(os.fsencode(socket_path)) > _MAX_UNIX_PATH_BYTES:
-        raise ValueError(
-            f"socket path {socket_path} is longer than the {_MAX_UNIX_PATH_BYTES} bytes "
-            "AF_UNIX allows; use a shorter work dir"
-        )
-    try:
-        if stat.S_ISSOCK(os.lstat(socket_path).st_mode):
-            socket_path.unlink()
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(os.fspath(socket_path))
-        # Nobody can connect before listen(), so there is no window with a wider mode.
-        os.chmod(socket_path, 0o600)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 async def serve_bridge(
     backend: BridgeBackend,
     socket_path: Path,
@@ -338,20 +352,24 @@ async def serve_bridge(
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
     keepalive_seconds: float = SSE_KEEPALIVE_SECONDS,
+    owner: tuple[int, int] | None = None,
     task_status: TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve one task's bridge on the Unix socket ``socket_path`` until cancelled.
 
     Args:
         backend: the worker side of the task.
-        socket_path: where to create the socket (mode 0600); a stale socket is replaced.
+        socket_path: where to create the socket (mode 0600); a stale socket is replaced. Its
+            directory must be this process's user's and mode 0700 (``bridge/unix.py``).
         work_dir: the task's work directory.
         max_body_bytes: largest accepted request body.
         keepalive_seconds: SSE keepalive interval.
+        owner: ``(uid, gid)`` the socket is given to, for an executor running as that user.
         task_status: reports ``socket_path`` once the socket accepts connections.
 
     Raises:
-        ValueError: ``socket_path`` is too long for AF_UNIX (107 bytes on Linux).
+        ValueError: ``socket_path`` is too long for AF_UNIX (107 bytes on Linux), or its
+            directory is another user's or open to group or others.
         OSError: the socket could not be created.
 
     Cancellation: open requests and streams are cancelled, then the socket is closed and
@@ -362,7 +380,8 @@ async def serve_bridge(
     config.accesslog = None
     config.errorlog = logging.getLogger(f"{__name__}.hypercorn")
     config.keep_alive_timeout = 60.0
-    sock = await trio.to_thread.run_sync(_bind_unix, socket_path, config.backlog)
+    config.h11_max_incomplete_size = MAX_HEAD_BYTES
+    sock = await trio.to_thread.run_sync(bind_private_socket, socket_path, config.backlog, owner)
     try:
         serve = partial(worker_serve, wrap_app(app, config.wsgi_max_body_size, "asgi"), config)
         async with trio.open_nursery() as nursery:
@@ -372,9 +391,4 @@ async def serve_bridge(
     finally:
         sock.close()
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_remove_socket, socket_path)
-
-
-def _remove_socket(socket_path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(socket_path)
+            await trio.to_thread.run_sync(remove_socket, socket_path)

@@ -1,7 +1,8 @@
 """The data node role: announces prepared datasets and serves their slices.
 
 Owns loading each dataset directory's manifest, announcing a ``DatasetRecord`` (slice count
-and manifest hash) plus a provider record per node in the DHT, re-announcing periodically,
+and manifest hash, signed with this node's identity key: ``net/records.py``) plus a provider
+record per node in the DHT, re-announcing periodically,
 answering ``ManifestRequest`` and ``SliceRequest`` (a ``TensorOffer`` whose bytes the worker
 pulls over the bulk path), and refusing unknown datasets and out-of-range indexes clearly.
 The sha256 offered is the manifest's, so a slice corrupted on disk is caught by the worker.
@@ -21,6 +22,7 @@ from hypha.data.manifest import Manifest, load_manifest, manifest_sha256, slice_
 from hypha.errors import DataError, HyphaError
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
+from hypha.net.records import DatasetSigner
 from hypha.net.runner import run_role, settings_from_config
 from hypha.protocol import ids
 from hypha.protocol import messages as m
@@ -34,13 +36,10 @@ class ServedDataset:
     manifest: Manifest
     manifest_bytes: bytes
 
-    @property
-    def record(self) -> m.DatasetRecord:
-        return m.DatasetRecord(
-            name=self.manifest.name,
-            num_slices=self.manifest.num_slices,
-            manifest_sha256=manifest_sha256(self.manifest_bytes),
-        )
+    def record(self, signer: DatasetSigner) -> m.DatasetRecord:
+        """The dataset's DHT record, signed by ``signer`` (this node)."""
+        sha256 = manifest_sha256(self.manifest_bytes)
+        return signer.sign(self.manifest.name, self.manifest.num_slices, sha256)
 
 
 def load_datasets(paths: list[Path]) -> dict[str, ServedDataset]:
@@ -63,6 +62,9 @@ class DataNode:
         self.node = node
         self.config = config
         self.datasets = load_datasets(list(config.dataset_path))
+        # Records are signed with the node's own identity (the key its TLS handshakes prove).
+        signer = DatasetSigner.load(node.settings.tls)
+        self.records = {name: served.record(signer) for name, served in self.datasets.items()}
         self.bulk = BulkService(node)
         self.num_slices_served = 0
         node.rpc.register(m.ManifestRequest, self._manifest)
@@ -97,7 +99,7 @@ class DataNode:
         for served in self.datasets.values():
             key = ids.dataset_key(served.manifest.name)
             try:
-                await self.node.dht.put(key, served.record)
+                await self.node.dht.put(key, self.records[served.manifest.name])
                 await self.node.dht.provide(key)
             except HyphaError as exc:
                 logger.warning("announcing %s failed (will retry): %s", served.manifest.name, exc)

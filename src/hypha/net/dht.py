@@ -1,8 +1,12 @@
 """Kademlia records and provider records, typed.
 
 Owns the ``hypha`` DHT namespace: a validator that accepts only wire messages under
-``/hypha/...`` keys, put/get of typed records, provide/find_providers with the library's
-duplicate providers removed. The DHT service itself is started by ``net/host.py``.
+``/hypha/...`` keys and, under ``/hypha/dataset/``, only ``DatasetRecord``s signed by a
+data node (``net/records.py``; fully checked against our CA when the node passes its
+verifier, structurally otherwise), put/get of typed records (a dataset record read from the
+node's own store is checked again: the library returns local values unvalidated),
+provide/find_providers with the library's duplicate providers removed. Which providers to
+trust is the caller's decision. The DHT service itself is started by ``net/host.py``.
 """
 
 from __future__ import annotations
@@ -13,21 +17,39 @@ from typing import Any
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.records.validator import Validator
 
-from hypha.errors import NetworkError, ProtocolError
+from hypha.errors import AdmissionError, NetworkError, ProtocolError
+from hypha.net.records import check_dataset_record
 from hypha.net.rpc import M
+from hypha.pki.verify import CertificateVerifier
 from hypha.protocol import codec, ids
+from hypha.protocol import messages as m
 
 logger = logging.getLogger(__name__)
 
 
 class HyphaRecordValidator(Validator):  # type: ignore[misc]
-    """Accept only well-formed wire messages as values under ``/hypha/``."""
+    """Accept only well-formed wire messages under ``/hypha/``, and signed dataset records.
+
+    Args:
+        verifier: our CA's verifier; without it a dataset record is checked structurally
+            only (its signature, key and role, but not who issued its certificate).
+    """
+
+    def __init__(self, verifier: CertificateVerifier | None = None) -> None:
+        self._verifier = verifier
 
     def validate(self, key: str, value: bytes) -> None:
         try:
-            codec.decode_body(value)
+            msg = codec.decode_body(value)
         except codec.ProtocolError as exc:
             raise ValueError(f"invalid record under {key}: {exc}") from exc
+        if key.startswith(ids.DATASET_KEY_PREFIX):
+            if not isinstance(msg, m.DatasetRecord):
+                raise ValueError(f"invalid record under {key}: {type(msg).__name__}, not a DatasetRecord")
+            try:
+                check_dataset_record(key, msg, self._verifier)
+            except AdmissionError as exc:
+                raise ValueError(f"refused record under {key}: {exc}") from exc
 
     def select(self, key: str, values: list[bytes]) -> int:
         return 0
@@ -36,9 +58,10 @@ class HyphaRecordValidator(Validator):  # type: ignore[misc]
 class Dht:
     """Typed access to the node's Kademlia DHT."""
 
-    def __init__(self, dht: KadDHT) -> None:
+    def __init__(self, dht: KadDHT, verifier: CertificateVerifier | None = None) -> None:
         self._dht = dht
-        dht.register_validator(ids.DHT_NAMESPACE, HyphaRecordValidator())
+        self._validator = HyphaRecordValidator(verifier)
+        dht.register_validator(ids.DHT_NAMESPACE, self._validator)
 
     async def bootstrap(self) -> None:
         try:
@@ -70,8 +93,9 @@ class Dht:
         if value is None:
             return None
         try:
+            self._validator.validate(key, value)  # a value from the local store was never checked
             return codec.expect(codec.decode_body(value), kind)
-        except codec.ProtocolError as exc:
+        except (ValueError, codec.ProtocolError) as exc:
             raise ProtocolError(f"bad record under {key}: {exc}") from exc
 
     async def provide(self, key: str) -> None:

@@ -43,7 +43,7 @@ from hypha.net.dialer import Dialer, DialerStatistics
 from hypha.net.rpc import M, RpcServer, RpcStatistics, Stream, exchange
 from hypha.net.startup import check_node_start
 from hypha.pki.ca import load_private_key
-from hypha.pki.verify import TlsFiles
+from hypha.pki.verify import CertificateVerifier, TlsFiles
 from hypha.protocol import ids
 from hypha.protocol import messages as m
 
@@ -321,7 +321,8 @@ async def _serve_node(node: Node, host: Any) -> AsyncIterator[Node]:
         gossip = ps.open_gossip(host, node.directory, hub=settings.relay_hop)
         node.gossip = await stack.enter_async_context(gossip)
         dht = KadDHT(host, DHTMode.SERVER)
-        node.dht = Dht(dht)
+        # Records are checked against our CA (and CRL) when stored, not only when read.
+        node.dht = Dht(dht, CertificateVerifier(settings.tls.trust, settings.tls.crls))
         await stack.enter_async_context(background_trio_service(dht))
         await _start_relay(node, host, stack)
         nursery = await stack.enter_async_context(trio.open_nursery())

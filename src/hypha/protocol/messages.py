@@ -5,6 +5,10 @@ Messages are frozen msgspec Structs tagged by ``kind``. Requests and responses c
 wire (``expires_at``) are UNIX seconds because peers do not share a monotonic clock; each
 side converts to its own ``trio.current_time()`` on receipt. Bridge bodies (executor <->
 worker over HTTP) live in ``protocol/bridge.py``; this module knows nothing of transports.
+
+Over 400 lines: it is the protocol's one reference, every wire message in one flat list next
+to the ``Message`` union the codec decodes; split up, the schema would have to be read in
+pieces to see what a peer may send.
 """
 
 from __future__ import annotations
@@ -267,11 +271,22 @@ class JobFinished(Msg, frozen=True, kw_only=True):
 
 
 class DatasetRecord(Msg, frozen=True, kw_only=True):
-    """The DHT value under ``/hypha/dataset/<name>``."""
+    """The DHT value under ``/hypha/dataset/<name>``, signed by the data node announcing it.
+
+    ``signature`` is the announcer's Ed25519 signature (its libp2p identity key) over the
+    canonical encoding of (key, name, num_slices, manifest_sha256, peer_id) that
+    ``hypha.net.records`` defines; ``certificate`` (DER) is the announcer's CA-signed
+    certificate, which names its role and carries that key. Readers refuse a record whose
+    certificate does not chain to their CA, is revoked, names another role than ``data`` or
+    another peer than ``peer_id``, or whose signature does not verify.
+    """
 
     name: str
     num_slices: int
     manifest_sha256: str
+    peer_id: str
+    certificate: bytes
+    signature: bytes
 
 
 class ManifestRequest(Msg, frozen=True, kw_only=True):

@@ -41,13 +41,12 @@ async def _serve_commands(node: Node) -> None:
 
         async def run(cmd: dict[str, Any]) -> Any:
             op = cmd["op"]
-            if op == "put":
-                rec = m.DatasetRecord(name=cmd["value"], num_slices=1, manifest_sha256="")
-                await node.dht.put(cmd["key"], rec)
+            if op == "put":  # any record but a dataset's (those only data nodes may sign)
+                await node.dht.put(cmd["key"], m.EchoRequest(payload=cmd["value"]))
                 return None
             if op == "get":
-                got = await node.dht.get(cmd["key"], m.DatasetRecord)
-                return got.name if got else None
+                got = await node.dht.get(cmd["key"], m.EchoRequest)
+                return got.payload if got else None
             if op == "subscribe":
                 ready = trio.Event()
                 nursery.start_soon(subscribe, ready)

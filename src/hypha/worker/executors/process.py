@@ -5,25 +5,32 @@ the same values in ``HYPHA_SOCKET``, ``HYPHA_WORK_DIR``, ``HYPHA_JOB``), forward
 stdout/stderr into the worker's log line by line with the task id, keeping the last lines of
 stderr for failure reports, and stopping it: SIGTERM, then SIGKILL after a grace period.
 ``ProcessRunner`` is the job manager's runner of ``runtime = "process"``: it serves the task's
-job bridge (``worker/backend.py`` behind ``hypha.bridge``) while the program runs.
+job bridge (``worker/backend.py`` behind ``hypha.bridge``) while the program runs. With
+``run_as`` (a worker running as root) the program runs as that user, with only that user's
+group, and the task's work dir and socket are handed to it first: it cannot read the
+worker's key, cache or anything else of the worker's uid, and sockets are 0600 in 0700
+directories, so other local users reach none. Tasks under the same ``run_as`` user can
+reach each other's work dirs and sockets; isolating them needs one user per worker.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pwd
 import signal
 import subprocess
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from hypha.bridge.server import serve_bridge
 from hypha.config.schema import WorkerConfig
-from hypha.errors import ExecutorStartError
+from hypha.errors import ConfigError, ExecutorStartError
 from hypha.net.host import Node
 from hypha.worker.backend import TaskBackend, TaskServices
 from hypha.worker.task import Exited, Task
@@ -75,8 +82,12 @@ async def run_executor_process(
     task_id: str,
     kill_grace_seconds: float,
     extra_env: Mapping[str, str] | None = None,
+    user: tuple[int, int] | None = None,
 ) -> ProcessResult:
     """Run the executor to completion and return its exit code and stderr tail.
+
+    ``user`` is the ``(uid, gid)`` to run it as (no supplementary groups, ``HOME`` the work
+    dir); the work dir and socket must already be that user's (``hand_over``).
 
     Cancellation: the child gets SIGTERM, then SIGKILL after ``kill_grace_seconds``; this
     returns only once it is gone.
@@ -94,6 +105,8 @@ async def run_executor_process(
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }
+    if user is not None:
+        env["HOME"] = str(work_dir)  # the worker's own home is not the executor's to use
     try:
         process = await trio.lowlevel.open_process(
             argv,
@@ -102,9 +115,13 @@ async def run_executor_process(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            user=user[0] if user is not None else None,
+            group=user[1] if user is not None else None,
+            extra_groups=[] if user is not None else None,  # none of the worker's groups
         )
     except OSError as exc:
-        raise ExecutorStartError(f"cannot start executor {cmd!r}: {exc}") from exc
+        hint = f" as uid {user[0]} (run_as): can that user run it?" if user is not None else ""
+        raise ExecutorStartError(f"cannot start executor {cmd!r}{hint}: {exc}") from exc
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     prefix = f"[task {task_id[:8]}]"
     logger.info("%s started pid %d: %s", prefix, process.pid, " ".join(argv))
@@ -145,19 +162,66 @@ def _signal_group(process: trio.Process, signum: int) -> None:
         process.send_signal(signum)
 
 
+def resolve_user(run_as: str) -> tuple[int, int]:
+    """The ``(uid, gid)`` of ``run_as`` (a user name or a numeric uid), checked usable.
+
+    Blocking (reads the user database).
+
+    Raises:
+        ConfigError: no such user, or this process may not switch to it (not root).
+    """
+    try:
+        entry = pwd.getpwuid(int(run_as)) if run_as.isdigit() else pwd.getpwnam(run_as)
+    except KeyError:
+        raise ConfigError(f"run_as: no user {run_as!r} on this machine") from None
+    if entry.pw_uid != os.geteuid() and os.geteuid() != 0:
+        raise ConfigError(f"run_as: running executors as {run_as!r} needs a worker running as root")
+    return entry.pw_uid, entry.pw_gid
+
+
+def hand_over(work_dir: Path, socket_path: Path, user: tuple[int, int]) -> None:
+    """Give the task's work dir (everything in it) and socket to ``user``; blocking.
+
+    Links are changed themselves, never followed. The socket must be in the work dir: the
+    shared runtime directory of deep work dirs holds other tasks' sockets.
+
+    Raises:
+        ExecutorStartError: the socket is outside the work dir, or a chown failed.
+    """
+    if socket_path.parent != work_dir:
+        raise ExecutorStartError(
+            f"run_as needs the bridge socket inside the task's work dir, but {work_dir} is too "
+            "deep for an AF_UNIX path: use a shorter work_dir"
+        )
+    uid, gid = user
+    try:
+        os.chown(work_dir, uid, gid, follow_symlinks=False)
+        for root, dirs, files in os.walk(work_dir):
+            for name in dirs + files:
+                os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+    except OSError as exc:
+        raise ExecutorStartError(f"cannot hand {work_dir} to uid {uid} (run_as): {exc}") from exc
+
+
 class ProcessRunner:
     """Runs a task's program with its job bridge (the ``Runner`` of ``runtime = "process"``).
 
     Args:
         node: the worker's node (the bridge reports progress through it).
         services: the worker's data plane, for the bridge's fetch and send.
-        config: the worker's section (grace period, throttle).
+        config: the worker's section (grace period, throttle, run_as).
+
+    Raises:
+        ConfigError: ``run_as`` names no user, or another one while the worker is not root.
     """
 
     def __init__(self, node: Node, services: TaskServices, config: WorkerConfig) -> None:
         self._node = node
         self._services = services
         self._config = config
+        self._user = resolve_user(config.run_as) if config.run_as is not None else None
+        if self._user == (os.geteuid(), os.getegid()):
+            self._user = None  # already that user: nothing to switch or hand over
 
     async def __call__(self, task: Task) -> Exited:
         """Serve the bridge, run the program to its end, stop the bridge.
@@ -167,8 +231,12 @@ class ProcessRunner:
         """
         backend = TaskBackend(self._node, task, self._services)
         throttle = self._config.throttle
+        user = self._user
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_bridge, backend, task.socket_path, task.work_dir)
+            serve = partial(serve_bridge, backend, task.socket_path, task.work_dir, owner=user)
+            await nursery.start(serve)
+            if user is not None:
+                await trio.to_thread.run_sync(hand_over, task.work_dir, task.socket_path, user)
             result = await run_executor_process(
                 task.executor.cmd,
                 task.executor.args,
@@ -178,6 +246,7 @@ class ProcessRunner:
                 task_id=task.task_id,
                 kill_grace_seconds=self._config.kill_grace_seconds,
                 extra_env={"HYPHA_THROTTLE": str(throttle)} if throttle != 1.0 else None,
+                user=user,
             )
             nursery.cancel_scope.cancel()
         if result.exit_code != 0:
