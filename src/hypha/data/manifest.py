@@ -17,6 +17,7 @@ from typing import Final
 import msgspec
 
 from hypha.errors import DataError
+from hypha.protocol.names import is_safe_name
 
 FORMAT_VERSION: Final = 1
 """Version of the manifest format written by this module."""
@@ -41,7 +42,6 @@ DTYPES: Final = frozenset(
 )
 """Tensor dtypes a manifest may name (torch names without the ``torch.`` prefix)."""
 
-_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -133,8 +133,12 @@ _encoder: Final = msgspec.json.Encoder(order="sorted")
 
 
 def is_valid_name(name: str) -> bool:
-    """Return whether ``name`` is usable as a dataset or tensor name (path and key safe)."""
-    return _NAME_RE.fullmatch(name) is not None
+    """Return whether ``name`` is usable as a dataset or tensor name (path and key safe).
+
+    The project's one rule for names that become paths (``protocol/names.py``), starting with
+    a letter or digit.
+    """
+    return is_safe_name(name) and name[0].isalnum()
 
 
 def validate(manifest: Manifest) -> list[str]:

@@ -182,10 +182,14 @@ class Transfers:
         for hint in assign.upcoming:
             self._providers[(assign.dataset, hint.index)] = list(assign.providers)
         self._providers[(assign.dataset, assign.index)] = list(assign.providers)
-        ref = SliceRef(dataset=assign.dataset, index=assign.index, sha256=assign.sha256)
-        self.cache.prefetch(
-            [SliceRef(dataset=assign.dataset, index=h.index, sha256=h.sha256) for h in assign.upcoming]
-        )
+        try:  # names and digests from the wire become cache paths: checked by SliceRef
+            ref = SliceRef(dataset=assign.dataset, index=assign.index, sha256=assign.sha256)
+            upcoming = [
+                SliceRef(dataset=assign.dataset, index=h.index, sha256=h.sha256) for h in assign.upcoming
+            ]
+        except ValueError as exc:
+            raise DataError(f"the scheduler assigned an unusable slice: {exc}") from exc
+        self.cache.prefetch(upcoming)
         rel = Path("slices") / f"{assign.dataset}-{assign.index:05d}.safetensors"
         try:
             async with self.cache.open(ref) as cached:
