@@ -223,6 +223,7 @@ async def test_every_role_survives_mutated_messages_of_every_type(pki: Pki, tmp_
                     assert reply.role == role
                     assert child.process.returncode is None
         grown = {role: rss_bytes(child) - before[role] for role, child in nodes.items()}
+        print(f"seed {seed}: {sent} frames; RSS growth (bytes) by role: {grown}")
         assert all(g < MAX_RSS_GROWTH for g in grown.values()), grown
         for role, child in nodes.items():  # every refusal was a handled one: no stray traceback
             log = await trio.to_thread.run_sync(child.log)
