@@ -23,12 +23,8 @@ import trio.testing
 
 from hypha.errors import ForbiddenError, JobError, NotReadyError
 from hypha.protocol import messages as m
-from hypha.worker.executors.aggregate import (
-    PLAN_WAIT_SECONDS,
-    ParameterServer,
-    ParameterServers,
-    ParameterServersStatistics,
-)
+from hypha.worker.executors.aggregate import PLAN_WAIT_SECONDS, ParameterServer
+from hypha.worker.executors.parameter_servers import ParameterServers, ParameterServersStatistics
 
 
 class Maths:
@@ -202,9 +198,13 @@ async def test_requests_for_a_job_without_a_parameter_server_are_refused(tmp_pat
     assert servers.update_sink("j") is None
     with servers.registered("j", ps):
         assert servers.update_sink("j") is ps
-        await rpc.handlers["RoundPlan"](
-            "sched", m.RoundPlan(job_id="j", round=0, trainers=["a"], min_updates=1)
-        )
+        await rpc.handlers["RoundPlan"]("s", m.RoundPlan(job_id="j", round=0, trainers=["a"], min_updates=1))
+        assert ps.round.expected == {"a"}
+        # Another scheduler cannot rewrite the plan (it would decide who pushes and who gets weights).
+        with pytest.raises(ForbiddenError, match="only from the job's scheduler"):
+            await rpc.handlers["RoundPlan"](
+                "other", m.RoundPlan(job_id="j", round=0, trainers=["mallory"], min_updates=1)
+            )
         assert ps.round.expected == {"a"}
     assert servers.update_sink("j") is None
     with pytest.raises(JobError, match="no parameter server of job j"):
@@ -231,7 +231,7 @@ async def test_update_waits_for_the_plan_that_names_its_trainer(
 
     async def plan_later() -> None:
         await trio.sleep(1.0)
-        await ps.on_plan(m.RoundPlan(job_id="j", round=0, trainers=["a", "b"], min_updates=1))
+        await ps.on_plan("s", m.RoundPlan(job_id="j", round=0, trainers=["a", "b"], min_updates=1))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(plan_later)
@@ -276,7 +276,7 @@ async def test_weights_go_to_the_plan_not_to_every_sender(
     assert await push(ps, "a") == ""
     assert await push(ps, "b") == ""
     # b is lost before the round closes: the scheduler's plan no longer names it.
-    await ps.on_plan(m.RoundPlan(job_id="j", round=0, trainers=["a"], min_updates=1))
+    await ps.on_plan("s", m.RoundPlan(job_id="j", round=0, trainers=["a"], min_updates=1))
     await ps._close_round()
     assert transfers.pushed == ["a"]  # type: ignore[attr-defined]
 

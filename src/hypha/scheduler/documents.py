@@ -44,14 +44,14 @@ def check_job(spec: JobSpec, where: str) -> int:
     from hypha.training.models import MODEL_NAMES, check_task_model  # torch: only when checking
 
     model = spec.model
-    if model.kind == "builtin" and model.name not in MODEL_NAMES:
-        problem = f"model.name: unknown model {model.name!r}; built-in models: {', '.join(MODEL_NAMES)}"
-    else:
-        try:
-            return check_task_model(model_doc(spec), base_dir=Path.cwd())
-        except ValueError as exc:
-            problem = f"{'model.path' if model.kind == 'hf' else 'model.options'}: {exc}"
-    raise ConfigError(f"1 problem(s) in {where}", [f"{where}: {problem}"])
+    try:
+        return check_task_model(model_doc(spec), base_dir=Path.cwd())
+    except ValueError as exc:  # build_model names an unknown model and lists the known ones
+        if model.kind == "hf":
+            key = "model.path"
+        else:
+            key = "model.name" if model.name not in MODEL_NAMES else "model.options"
+        raise ConfigError(f"1 problem(s) in {where}", [f"{where}: {key}: {exc}"]) from None
 
 
 def train_task(spec: JobSpec, job_id: str, parameter_server: str) -> TrainTask:

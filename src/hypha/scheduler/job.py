@@ -69,6 +69,7 @@ class JobDriver:
         self.manifest = manifest
         self.recorder = recorder
         self.planner = SyncPlanner(horizon_seconds=state.spec.sync_horizon_seconds)
+        self._plan_lock = trio.Lock()
         self.bulk = BulkService(ctx.node)
         self.slices = SliceService(state, manifest)
         self.slices.register(ctx.node.rpc)
@@ -172,20 +173,23 @@ class JobDriver:
         await self.recorder.event(worker, "lost", self.state.round, reason=reason)
 
     async def _send_plan(self) -> None:
-        ps = self.state.parameter_server
-        if ps is None:
-            return
-        plan = m.RoundPlan(
-            job_id=self.job_id,
-            round=self.state.round,
-            trainers=sorted(self.state.trainers),
-            min_updates=self.state.spec.trainers.min,
-            max_samples=documents.max_samples_per_update(self.state.spec),
-        )
-        try:
-            await self.ctx.node.request(ps.worker, plan, m.Ack)
-        except HyphaError as exc:
-            logger.warning("round plan not delivered to the parameter server: %s", exc)
+        # One plan at a time, built under the lock: plans reach the parameter server in the
+        # order of the state they describe, so an older membership never overwrites a newer.
+        async with self._plan_lock:
+            ps = self.state.parameter_server
+            if ps is None:
+                return
+            plan = m.RoundPlan(
+                job_id=self.job_id,
+                round=self.state.round,
+                trainers=sorted(self.state.trainers),
+                min_updates=self.state.spec.trainers.min,
+                max_samples=documents.max_samples_per_update(self.state.spec),
+            )
+            try:
+                await self.ctx.node.request(ps.worker, plan, m.Ack)
+            except HyphaError as exc:
+                logger.warning("round plan not delivered to the parameter server: %s", exc)
 
     # --- following the pools ----------------------------------------------------------------
 

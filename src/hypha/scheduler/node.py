@@ -99,15 +99,20 @@ async def run_scheduler(
     *,
     ready_file: Path | None = None,
     allocate_only: bool = False,
+    model_checked: bool = False,
     task_status: trio.TaskStatus[Scheduler] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the job until it ends (returns) or fails (raises ``JobError``).
 
+    ``model_checked``: the caller already ran ``documents.check_job`` on ``job`` (the CLI does,
+    before any node starts); otherwise it runs here, before the node starts.
+
     Raises:
         ConfigError: before the node starts, when the job's model cannot be built.
     """
-    # Off the event loop: the first check imports torch and builds the model (on meta).
-    await trio.to_thread.run_sync(check_job, job, f"job {job.name}")
+    if not model_checked:
+        # Off the event loop: the check imports torch and builds the model (on meta).
+        await trio.to_thread.run_sync(check_job, job, f"job {job.name}")
     settings = settings_from_config("scheduler", config)
     async with trio.open_nursery() as nursery:
         scheduler: Scheduler = await nursery.start(

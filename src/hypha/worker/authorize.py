@@ -12,7 +12,9 @@ they pull a byte or serve one. The rules, by what arrives:
 - **weights**: only to a trainer of the job, from the parameter server its task names;
 - a **file**: only to a trainer of the job, from a peer of the same job: its scheduler, its
   parameter server, or a peer its scheduler confirms holds a task in it (``Membership``);
-- a **weights request**: only from a trainer of the current round plan or the job's scheduler.
+- a **weights request**: only from a trainer of the current round plan or the job's scheduler;
+- a **round plan** or **job finished**: only from the job's own scheduler (any other peer with
+  the scheduler role would otherwise decide who may push updates and get the weights).
 
 A refusal raises ``ForbiddenError`` with the reason; the caller answers with it and logs it.
 Admission (the CA) and the RPC layer's role check come first; nothing here trusts the role
@@ -111,6 +113,12 @@ def check_weights_request(view: RoundView, peer: str, scheduler: str) -> None:
     """Whether ``peer`` may be given the job's weights."""
     if peer != scheduler and peer not in view.trainers:
         raise ForbiddenError(f"{peer} is not a trainer of this job's round plan")
+
+
+def check_job_scheduler(peer: str, scheduler: str, what: str) -> None:
+    """Whether ``peer`` may send ``what`` (a round plan, the job's end) for a job ``scheduler`` runs."""
+    if peer != scheduler:
+        raise ForbiddenError(f"{what} is taken only from the job's scheduler, not {peer}")
 
 
 def check_weights_push(peer: str, parameter_server: str) -> None:

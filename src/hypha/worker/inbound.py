@@ -12,15 +12,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from hypha.errors import ForbiddenError
+from hypha.errors import ForbiddenError, JobError
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
 from hypha.protocol import bridge as b
-from hypha.protocol import codec
 from hypha.protocol import messages as m
-from hypha.protocol.tasks import TrainTask
 from hypha.worker.authorize import Membership, UpdateSinks, check_offer_names, check_weights_push
-from hypha.worker.task import TaskTable, find_task
+from hypha.worker.task import TaskTable, find_task, train_doc
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +69,8 @@ class InboundPushes:
         if task is None:
             raise ForbiddenError("no task of this job here")
         try:
-            parameter_server = codec.decode_json(task.config, TrainTask).parameter_server
-        except codec.ProtocolError:  # another kind of executor's task: only its scheduler is known
+            parameter_server = train_doc(task).parameter_server
+        except JobError:  # a task of a program that is not our trainer: only its scheduler is known
             parameter_server = ""
         if offer.purpose == "weights":
             check_weights_push(peer, parameter_server)

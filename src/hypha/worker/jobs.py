@@ -2,8 +2,8 @@
 
 Owns ``DispatchTask`` from the lease holder (anyone else is refused), a private work
 directory (0700) per task, handing each task to the runner of its executor's runtime
-(``executors/process.py`` for user programs, ``executors/aggregate.py`` for the parameter
-server; the mapping is built in ``worker/node.py``), reporting ``TaskStatus`` to the
+(``executors/process.py`` for user programs, ``executors/parameter_servers.py`` for the
+parameter server; the mapping is built in ``worker/node.py``), reporting ``TaskStatus`` to the
 scheduler (retried while the lease lasts, so no state change is lost to one failed send),
 and stopping tasks when their lease ends: the scheduler stops a task by releasing its
 lease, there is no separate cancel message. What a task may fetch and send is

@@ -2,7 +2,7 @@
 
 Owns wiring the worker's parts to one node: the lease ledger and its protocol
 (``leases.py``), the arbiter that answers advertisements (``arbiter.py``), the data plane
-(``transfers.py``), the parameter servers' routing (``executors/aggregate.py``) and the job
+(``transfers.py``), the parameter servers' routing (``executors/parameter_servers.py``) and the job
 manager with the runner of each executor runtime (``jobs.py``). Every part gets what it
 needs at construction; none is wired after. It holds no scheduling policy of its own.
 """
@@ -22,7 +22,7 @@ from hypha.net.runner import run_role, settings_from_config
 from hypha.net.spares import SpareFiles
 from hypha.resources import Resources
 from hypha.worker.arbiter import Arbiter
-from hypha.worker.executors.aggregate import AggregateRunner, ParameterServers
+from hypha.worker.executors.parameter_servers import AggregateRunner, ParameterServers
 from hypha.worker.executors.process import ProcessRunner
 from hypha.worker.jobs import JobManager
 from hypha.worker.leases import WorkerLeases

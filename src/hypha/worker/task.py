@@ -20,7 +20,10 @@ import trio
 
 from hypha.bridge.inbox import Inbox
 from hypha.config.schema import ExecutorSection
+from hypha.errors import JobError
+from hypha.protocol import codec
 from hypha.protocol import messages as m
+from hypha.protocol.tasks import TrainTask
 
 MAX_SOCKET_PATH = 100
 """Bytes of a bridge socket path in the work dir; longer ones go to a runtime directory."""
@@ -81,6 +84,18 @@ def choose_socket_path(work_dir: Path, task_id: str) -> Path:
     runtime.mkdir(mode=0o700, exist_ok=True)
     os.chmod(runtime, 0o700)
     return runtime / f"{task_id[:16]}.sock"
+
+
+def train_doc(task: Task) -> TrainTask:
+    """The training document ``task`` was dispatched with.
+
+    Raises:
+        JobError: The task's config is not a ``TrainTask`` (another kind of executor's task).
+    """
+    try:
+        return codec.decode_json(task.config, TrainTask)
+    except codec.ProtocolError as exc:
+        raise JobError(f"task {task.task_id} has no training document: {exc}") from exc
 
 
 def find_task(tasks: Iterable[Task], job_id: str, executor_class: str) -> Task | None:

@@ -6,7 +6,7 @@ asking the parameter server for the current weights, pushing files to peers over
 path, and receiving pushes for local tasks (routed by job: updates to the sink the update
 lookup names, weights and files to the job's trainer, in that task's inbox only: that is
 ``inbound.py``'s, each push authorized first by ``authorize.py``). It does not know the
-parameter server: its requests are routed by ``executors/aggregate.py``.
+parameter server: its requests are routed by ``executors/parameter_servers.py``.
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ from hypha.net.host import Node
 from hypha.protocol import bridge as b
 from hypha.protocol import codec
 from hypha.protocol import messages as m
-from hypha.protocol.tasks import TrainTask
 from hypha.worker.authorize import UpdateSinks
 from hypha.worker.inbound import InboundPushes
-from hypha.worker.task import Task, TaskTable
+from hypha.worker.task import Task, TaskTable, train_doc
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +109,6 @@ class Transfers:
         self._node = node
         self._bulk = bulk
         self._config = config
-        self._update_sinks = update_sinks
-        self._tasks = tasks
         self._num_assigned = self._num_returned = self._num_weights = 0
         self._num_delivered = self._num_push_failures = 0
         self._providers: dict[tuple[str, int], list[str]] = {}
@@ -161,14 +158,8 @@ class Transfers:
             return [await self._fetch_uri(ref.uri, work_dir)]
         raise DataError(f"{type(ref).__name__} references are not served by this worker")
 
-    def _train_doc(self, task: Task) -> TrainTask:
-        try:
-            return codec.decode_json(task.config, TrainTask)
-        except codec.ProtocolError as exc:
-            raise JobError(f"task {task.task_id} has no training document: {exc}") from exc
-
     async def _fetch_assigned_slice(self, task: Task, dataset: str | None, work_dir: Path) -> b.FetchedFile:
-        name = dataset or self._train_doc(task).dataset
+        name = dataset or train_doc(task).dataset
         # Shielded (the request has its own time limit): once the scheduler assigned a slice
         # we must hear which, so that a fetch cancelled meanwhile can give it back below.
         with trio.CancelScope(shield=True):
@@ -258,7 +249,7 @@ class Transfers:
         )
 
     async def _fetch_weights(self, task: Task, round_: int | None, work_dir: Path) -> b.FetchedFile:
-        doc = self._train_doc(task)
+        doc = train_doc(task)
         if not doc.parameter_server:
             raise JobError("the job names no parameter server")
         try:
@@ -300,7 +291,7 @@ class Transfers:
 
     async def send(self, task: Task, request: b.SendRequest, path: Path) -> list[str]:
         if request.target == "parameter_server":
-            peers = [self._train_doc(task).parameter_server]
+            peers = [train_doc(task).parameter_server]
         elif request.target == "peers":
             peers = list(request.peers)
         else:

@@ -6,30 +6,32 @@ round plan by ``worker/authorize.py``, then checked finite and of the model's sh
 a round when every expected update arrived (or at the deadline with at least the minimum),
 has ``aggregate_maths.py`` compute the mean and the Nesterov step and evaluate (in a thread),
 sends the new weights to the plan's trainers only, and reports ``RoundClosed`` to the
-scheduler. Late updates of a closed round are dropped unread and logged. ``ParameterServers``
-routes the RPCs and pushed updates of every job's server on this worker; ``AggregateRunner``
-is the job manager's runner of ``runtime = "aggregate"``.
+scheduler. Late updates of a closed round are dropped unread and logged. The routing of
+every job's server on this worker and the job manager's runner are ``parameter_servers.py``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from hypha.errors import ForbiddenError, HyphaError, JobError, NotReadyError
+from hypha.errors import ForbiddenError, HyphaError, NotReadyError
 from hypha.net.host import Node
-from hypha.protocol import codec
 from hypha.protocol import messages as m
 from hypha.protocol.tasks import AggregateTask
-from hypha.worker.authorize import Pull, RoundView, UpdateSink, check_update, check_weights_request
+from hypha.worker.authorize import (
+    Pull,
+    RoundView,
+    check_job_scheduler,
+    check_update,
+    check_weights_request,
+)
 from hypha.worker.executors.aggregate_maths import TORCH, OuterMaths, Update
-from hypha.worker.task import Exited, Task
+from hypha.worker.task import Task
 from hypha.worker.transfers import Transfers
 
 logger = logging.getLogger(__name__)
@@ -132,7 +134,7 @@ class ParameterServer:
         try:
             await trio.Path(dest.parent).mkdir(exist_ok=True)
             await pull(dest)
-            problem = await trio.to_thread.run_sync(self._maths.check_update, dest)
+            problem = await trio.to_thread.run_sync(self._maths.check_update, dest, limiter=TORCH)
             if problem:
                 await trio.Path(dest).unlink(missing_ok=True)
                 raise ForbiddenError(f"update refused: {problem}")
@@ -159,7 +161,8 @@ class ParameterServer:
         )
         return f"late: round {offer.round} is closed; dropped"
 
-    async def on_plan(self, plan: m.RoundPlan) -> None:
+    async def on_plan(self, peer: str, plan: m.RoundPlan) -> None:
+        check_job_scheduler(peer, self._doc.scheduler, "a round plan")
         # The scheduler may still be a round behind (its RoundClosed is on the way): the
         # membership it sends is the newest there is, so it applies to the open round too.
         if plan.round in (self.round.number, self.round.number - 1):
@@ -187,7 +190,8 @@ class ParameterServer:
             encoding=self._maths.weights_encoding if self._maths else "fp32",
         )
 
-    async def on_finished(self) -> None:
+    async def on_finished(self, peer: str) -> None:
+        check_job_scheduler(peer, self._doc.scheduler, "the job's end")
         self._finished.set()
 
     # --- the loop -------------------------------------------------------------------------
@@ -328,90 +332,3 @@ class ParameterServer:
             )
         except HyphaError as exc:
             logger.error("final model not delivered to the scheduler: %s", exc)
-
-
-@dataclass(frozen=True, slots=True)
-class ParameterServersStatistics:
-    """A snapshot of a ``ParameterServers``' counters (for telemetry)."""
-
-    num_running: int
-    num_unrouted: int
-    """Requests for a job whose parameter server does not run on this worker."""
-
-
-class ParameterServers:
-    """The parameter servers running on this worker, by job, and the routing to them.
-
-    Registers the handlers of the parameter server's requests (``WeightsRequest``,
-    ``RoundPlan``, ``JobFinished``) on the node and is the data plane's update-sink lookup
-    (``update_sink``): a job's pushed updates go to its server while it runs.
-    """
-
-    def __init__(self, node: Node) -> None:
-        self._servers: dict[str, ParameterServer] = {}
-        self._num_unrouted = 0
-        node.rpc.register(m.WeightsRequest, self._on_weights_request, roles={"worker", "scheduler"})
-        node.rpc.register(m.RoundPlan, self._on_round_plan, roles={"scheduler"})
-        node.rpc.register(m.JobFinished, self._on_job_finished, roles={"scheduler"})
-
-    def statistics(self) -> ParameterServersStatistics:
-        """Return a snapshot of the counters."""
-        return ParameterServersStatistics(num_running=len(self._servers), num_unrouted=self._num_unrouted)
-
-    def get(self, job_id: str) -> ParameterServer | None:
-        """The running parameter server of ``job_id``, if this worker has one."""
-        return self._servers.get(job_id)
-
-    def update_sink(self, job_id: str) -> UpdateSink | None:
-        """Where a pushed update of ``job_id`` goes (``authorize.UpdateSinks``)."""
-        return self._servers.get(job_id)
-
-    @contextlib.contextmanager
-    def registered(self, job_id: str, server: ParameterServer) -> Iterator[None]:
-        """Route ``job_id``'s requests and updates to ``server`` while the block runs."""
-        self._servers[job_id] = server
-        try:
-            yield
-        finally:
-            self._servers.pop(job_id, None)
-
-    def _server(self, job_id: str) -> ParameterServer:
-        server = self._servers.get(job_id)
-        if server is None:
-            self._num_unrouted += 1
-            raise JobError(f"no parameter server of job {job_id} on this worker")
-        return server
-
-    async def _on_weights_request(self, peer: str, request: m.WeightsRequest) -> m.TensorOffer:
-        return await self._server(request.job_id).on_weights_request(peer, request)
-
-    async def _on_round_plan(self, peer: str, plan: m.RoundPlan) -> m.Ack:
-        await self._server(plan.job_id).on_plan(plan)
-        return m.Ack()
-
-    async def _on_job_finished(self, peer: str, request: m.JobFinished) -> m.Ack:
-        await self._server(request.job_id).on_finished()
-        return m.Ack()
-
-
-class AggregateRunner:
-    """Runs a task's parameter server (the ``Runner`` of ``runtime = "aggregate"``).
-
-    Args:
-        node: the worker's node (the server reports to the scheduler through it).
-        servers: the routing its requests and updates arrive through while it runs.
-        transfers: the worker's data plane (weights out, the held-out slice in).
-    """
-
-    def __init__(self, node: Node, servers: ParameterServers, transfers: Transfers) -> None:
-        self._node = node
-        self._servers = servers
-        self._transfers = transfers
-
-    async def __call__(self, task: Task) -> Exited:
-        """Run the parameter server of ``task`` until the scheduler says the job is finished."""
-        doc = codec.decode_json(task.config, AggregateTask)
-        server = ParameterServer(self._node, task, doc, self._transfers)
-        with self._servers.registered(doc.job_id, server):
-            await server.run()
-        return Exited(0)
