@@ -11,7 +11,6 @@ that fits the inner steps). Whether the model can be built is ``scheduler.docume
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,9 @@ from typing import Any, Final, Literal
 
 from hypha.config.load import build_section, toml_key
 from hypha.config.schema import doc
+from hypha.data.manifest import is_valid_name
 from hypha.errors import ConfigError
-from hypha.protocol.names import UnsafeNameError, check_name
+from hypha.protocol.names import UnsafeNameError, check_name, is_sha256
 
 ModelKind = Literal["builtin", "hf"]
 
@@ -192,6 +192,8 @@ class JobSpec:
                 check_name(getattr(self, key), what)
             except UnsafeNameError as exc:
                 raise ValueError(f"{key}: {exc}") from None
+        if not is_valid_name(self.dataset):  # what a data node can serve (``hypha data prepare``)
+            raise ValueError(f"dataset: {self.dataset!r} must start with a letter or a digit")
         _check_range(self, "rounds", 1, MAX_ROUNDS)
         _check_range(self, "samples_per_round", 1, MAX_SAMPLES_PER_ROUND)
         _check_range(self, "batch_size", 1, MAX_BATCH_SIZE)
@@ -204,7 +206,7 @@ class JobSpec:
         _check_range(self, "sync_horizon_seconds", 0.0)
         if self.lease_seconds is not None:
             _check_range(self, "lease_seconds", 0.0, open_low=True)
-        if self.dataset_sha256 is not None and re.fullmatch(r"[0-9a-f]{64}", self.dataset_sha256) is None:
+        if self.dataset_sha256 is not None and not is_sha256(self.dataset_sha256):
             raise ValueError("dataset_sha256: must be 64 lowercase hex digits (a manifest's sha256)")
         if self.parameter_server.target != 1:
             raise ValueError("parameter_server.target: exactly one parameter server is supported")

@@ -24,6 +24,7 @@ import trio
 
 from hypha.data.manifest import CHUNK_BYTES, is_valid_name
 from hypha.errors import HyphaError, TransferError
+from hypha.protocol.names import is_sha256
 
 if TYPE_CHECKING:
     # The installed trio-stubs (from trio-typing, pulled in by libp2p) shadow trio's own
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 _FILE_RE: Final = re.compile(r"^(\d{5,})-([0-9a-f]{8})\.safetensors$")
 
 
@@ -57,7 +57,7 @@ class SliceRef:
             raise ValueError(f"dataset name {self.dataset!r} is not valid")
         if self.index < 0:
             raise ValueError(f"slice index must be >= 0, got {self.index}")
-        if _SHA256_RE.fullmatch(self.sha256) is None:
+        if not is_sha256(self.sha256):
             raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
         if self.size is not None and self.size < 0:
             raise ValueError(f"size must be >= 0, got {self.size}")

@@ -10,14 +10,13 @@ them over the network (``datanode``, ``net.bulk``) or cache them on workers (``c
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from typing import Final
 
 import msgspec
 
 from hypha.errors import DataError
-from hypha.protocol.names import is_safe_name
+from hypha.protocol.names import is_safe_name, is_sha256
 
 FORMAT_VERSION: Final = 1
 """Version of the manifest format written by this module."""
@@ -42,7 +41,6 @@ DTYPES: Final = frozenset(
 )
 """Tensor dtypes a manifest may name (torch names without the ``torch.`` prefix)."""
 
-_SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 
 
 class TensorInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -176,7 +174,7 @@ def validate(manifest: Manifest) -> list[str]:
             problems.append(f"{where} has index {entry.index}")
         if entry.file != SLICE_NAME_FORMAT.format(index=position):
             problems.append(f"{where} has file {entry.file!r}")
-        if _SHA256_RE.fullmatch(entry.sha256) is None:
+        if not is_sha256(entry.sha256):
             problems.append(f"{where} has a malformed sha256")
         if entry.size < 0:
             problems.append(f"{where} has negative size")

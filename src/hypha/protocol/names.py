@@ -3,7 +3,8 @@
 Owns the one rule every such name follows (transfer ids, file names, job ids and names,
 dataset names): 1 to ``MAX_NAME_LENGTH`` characters from ``A-Z a-z 0-9 . _ -``, not starting
 with a dot, and no ``..``. A name that breaks it is refused with ``UnsafeNameError`` saying
-why; nothing is silently rewritten. Imports nothing from hypha.
+why; nothing is silently rewritten. Also the one check of a sha256 digest in hex
+(``is_sha256``), which names slices, manifests and transfers. Imports nothing from hypha.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 MAX_NAME_LENGTH = 100
 
 _ALLOWED = re.compile(r"[A-Za-z0-9._-]+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class UnsafeNameError(ValueError):
@@ -52,3 +54,8 @@ def is_safe_name(value: str) -> bool:
     except UnsafeNameError:
         return False
     return True
+
+
+def is_sha256(value: str) -> bool:
+    """Whether ``value`` is a sha256 digest as Hypha writes it: 64 lowercase hex digits."""
+    return _SHA256.fullmatch(value) is not None
