@@ -110,15 +110,21 @@ def hostile_frame(kind: type[m.Msg], rng: random.Random) -> bytes:
     return frame
 
 
-async def send_raw(attacker: Node, target: str, frame: bytes) -> None:
-    """Send ``frame`` on an RPC stream and read whatever comes back (nothing is expected)."""
+async def send_raw(attacker: Node, target: str, frame: bytes) -> bool:
+    """Send ``frame`` on an RPC stream and read whatever comes back (nothing is expected).
+
+    Returns whether the frame was written (the stream opened and the write went through).
+    A refused stream, a reset or an EOF is an answer the target may give: none of them raises.
+    """
+    written = False
     with trio.move_on_after(RPC_TIMEOUT + 2):
         try:
             stream = await attacker.open_stream(target, ids.API_PROTOCOL)
         except Exception:  # the target refused or dropped us: acceptable, it must stay up
-            return
+            return False
         try:
             await stream.write(frame)
+            written = True
             await stream.read(65536)
         except Exception:  # reset, EOF: acceptable
             pass
@@ -129,6 +135,7 @@ async def send_raw(attacker: Node, target: str, frame: bytes) -> None:
                     await stream.reset()
                 except Exception:
                     pass
+    return written
 
 
 def rss_bytes(child: ChildNode) -> int:
@@ -201,21 +208,25 @@ async def test_every_role_survives_mutated_messages_of_every_type(pki: Pki, tmp_
             for child in nodes.values():  # warm up: every node answers before the barrage
                 await attackers[0].request(child.peer_id, m.HealthRequest(), m.HealthResponse)
         before = {role: rss_bytes(child) for role, child in nodes.items()}
-        sent = 0
+        sent = len(nodes) * len(MESSAGE_TYPES) * MUTATIONS_PER_TYPE
+        written = 0
         with trio.fail_after(900):
             for role, child in nodes.items():
 
                 async def one(frame: bytes, attacker: Node, peer: str = child.peer_id) -> None:
+                    nonlocal written
                     async with LIMITER:
-                        await send_raw(attacker, peer, frame)
+                        if await send_raw(attacker, peer, frame):
+                            written += 1
 
                 async with trio.open_nursery() as nursery:
                     for kind in MESSAGE_TYPES:
                         for _ in range(MUTATIONS_PER_TYPE):
                             nursery.start_soon(one, hostile_frame(kind, rng), rng.choice(attackers))
-                            sent += 1
                 assert child.process.returncode is None, f"{role} died (seed {seed}):\n{child.log()[-3000:]}"
-        assert sent == len(nodes) * len(MESSAGE_TYPES) * MUTATIONS_PER_TYPE
+        # Nearly every frame reached its target: a node may reset a stream whose header lies
+        # before the write completes, but a barrage that mostly never arrived proves nothing.
+        assert written >= 0.9 * sent, f"only {written} of {sent} frames were written (seed {seed})"
         async with open_test_node(pki, "honest", "worker", gateways=[gateway]) as honest:
             with trio.fail_after(60):
                 for role, child in nodes.items():
@@ -223,7 +234,7 @@ async def test_every_role_survives_mutated_messages_of_every_type(pki: Pki, tmp_
                     assert reply.role == role
                     assert child.process.returncode is None
         grown = {role: rss_bytes(child) - before[role] for role, child in nodes.items()}
-        print(f"seed {seed}: {sent} frames; RSS growth (bytes) by role: {grown}")
+        print(f"seed {seed}: {written} of {sent} frames written; RSS growth (bytes) by role: {grown}")
         assert all(g < MAX_RSS_GROWTH for g in grown.values()), grown
         for role, child in nodes.items():  # every refusal was a handled one: no stray traceback
             log = await trio.to_thread.run_sync(child.log)

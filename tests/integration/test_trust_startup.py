@@ -23,6 +23,21 @@ def _port(address: str) -> int:
     return int(parts[parts.index("tcp") + 1])
 
 
+async def refused_start(config: Path, tmp_path: Path, name: str) -> str:
+    """Start gateway ``name`` from ``config``, which must refuse to start; return the error.
+
+    A refused start is exit code 2 with an error line and no traceback, and no ready file.
+    """
+    with pytest.raises(JobError) as info:
+        async with spawn_node(["gateway", "--config", str(config)], tmp_path, name):
+            pytest.fail(f"{name} came up")
+    message = str(info.value)
+    assert f"{name} exited with 2" in message
+    assert "Traceback" not in message
+    assert not (tmp_path / f"{name}.ready.json").exists()
+    return message
+
+
 async def test_open_node_refuses_a_key_that_is_not_the_certificates(pki: Pki) -> None:
     mine, other = pki.node("a", "worker"), pki.node("b", "worker")
     crossed = TlsFiles(cert=mine.cert, key=other.key, trust=mine.trust, crls=mine.crls)
@@ -59,14 +74,8 @@ async def test_a_gateway_with_another_nodes_key_exits_without_a_ready_file(pki: 
     mine, other = pki.node("gw", "gateway"), pki.node("other", "gateway")
     keys = {**pki.config_keys(mine), "key_pem": str(other.key)}
     config = write_toml(tmp_path / "gw.toml", {**keys, "listen_addresses": ["/ip4/127.0.0.1/tcp/0"]})
-    with pytest.raises(JobError) as info:
-        async with spawn_node(["gateway", "--config", str(config)], tmp_path, "gw"):
-            pytest.fail("the gateway came up")
-    message = str(info.value)
-    assert "gw exited with 2" in message
+    message = await refused_start(config, tmp_path, "gw")
     assert f"key_pem {other.key} does not belong to cert_pem {mine.cert}" in message
-    assert "Traceback" not in message
-    assert not (tmp_path / "gw.ready.json").exists()
 
 
 @pytest.mark.cluster
@@ -78,12 +87,6 @@ async def test_a_second_gateway_on_a_taken_port_exits_without_a_ready_file(pki: 
     first_config = config("gw1", "/ip4/127.0.0.1/tcp/0")
     async with spawn_node(["gateway", "--config", str(first_config)], tmp_path, "gw1") as first:
         taken = f"/ip4/127.0.0.1/tcp/{_port(first.address)}"
-        with pytest.raises(JobError) as info:
-            async with spawn_node(["gateway", "--config", str(config("gw2", taken))], tmp_path, "gw2"):
-                pytest.fail("two gateways listen on one port")
-        message = str(info.value)
-        assert "gw2 exited with 2" in message
+        message = await refused_start(config("gw2", taken), tmp_path, "gw2")
         assert f"listen_addresses: {taken}: TCP port {_port(taken)} is already in use" in message
-        assert "Traceback" not in message
-        assert not (tmp_path / "gw2.ready.json").exists()
         assert first.process.returncode is None  # the first one is untouched

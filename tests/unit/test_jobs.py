@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,42 +25,29 @@ from hypha.errors import HyphaError, RemoteError, RequestTimeoutError
 from hypha.protocol import codes
 from hypha.protocol import messages as m
 from hypha.resources import Resources
+from hypha.testing.cluster import wait_until
+from hypha.testing.fakes import FakeRpcNode
 from hypha.worker.executors.process import ProcessRunner
 from hypha.worker.jobs import MAX_STATUS_ATTEMPTS, JobManager
 from hypha.worker.leases import WorkerLeases
 from hypha.worker.task import Exited, Runner, Task
 
-Handler = Callable[[str, Any], Awaitable[Any]]
 SCRIPT = m.ExecutorDescriptor(executor_class="train", name="script")
 LEASE_SECONDS = 24 * 3600.0
 # In virtual time: a test that would hang fails at once instead.
 DEADLINE = 3600.0
 
 
-class FakeRpc:
-    def __init__(self) -> None:
-        self.handlers: dict[type, Handler] = {}
-
-    def register(self, kind: type, handler: Handler, **kwargs: object) -> None:
-        self.handlers[kind] = handler
-
-
-class FakeNode:
+class FakeNode(FakeRpcNode):
     """Keeps handlers; the scheduler's side records statuses, failing the first ``num_failures``."""
 
     def __init__(self) -> None:
-        self.rpc = FakeRpc()
+        super().__init__()
         self.statuses: list[m.TaskStatus] = []
         self.num_attempts = 0
         self.num_failures = 0
         self.failure: HyphaError = RequestTimeoutError("TaskStatus got no answer")
         self.changed = trio.Event()
-
-    async def call(self, peer: str, msg: m.Msg) -> Any:
-        return await self.rpc.handlers[type(msg)](peer, msg)
-
-    def on_peer_revoked(self, callback: Any) -> None:
-        """No CRL here: no peer is ever revoked."""
 
     async def request(self, peer: str, msg: m.Msg, expect: type[Any], *args: Any, **kwargs: Any) -> Any:
         assert isinstance(msg, m.TaskStatus), msg
@@ -224,8 +211,7 @@ async def test_status_is_not_retried_once_the_lease_is_gone(
             node.num_failures = MAX_STATUS_ATTEMPTS
             await node.call("sched", m.ReleaseLeaseRequest(lease_id="lease"))  # cancels the task
             with trio.fail_after(1):
-                while jobs.statistics().num_statuses_lost == 0:
-                    await trio.sleep(0.01)
+                await wait_until(lambda: jobs.statistics().num_statuses_lost > 0)
             nursery.cancel_scope.cancel()
     assert node.num_attempts == 2  # "running", then "cancelled" once: nobody holds the lease
     assert jobs.statistics().num_cancelled == 1

@@ -14,6 +14,7 @@ from hypha.errors import JobError, hypha_leaf
 from hypha.resources import Resources
 from hypha.scheduler.allocator import Price, WorkerSpec
 from hypha.scheduler.pool import Pool, PoolSpec
+from hypha.testing.cluster import wait_until
 from hypha.testing.fakes import FakeLeaser
 
 WORKER = WorkerSpec(resources=Resources(cpu=1), executors=())
@@ -116,7 +117,9 @@ async def test_revoked_member_is_lost_at_once_and_never_leased_again(
         assert "w1" not in pool.members
         assert pool.loss_reason(lease) == "its certificate was revoked"
         leaser.available.append("w1")  # the revoked worker offers itself again
-        await trio.sleep(10 * spec().retry_seconds)  # several reconcile rounds
+        rounds = leaser.num_allocations
+        with trio.fail_after(10 * spec().retry_seconds):  # several reconcile rounds
+            await wait_until(lambda: leaser.num_allocations >= rounds + 3)
         assert pool.workers() == ["w2"]
         leaser.available.append("w3")
         await pool.wait_size(2)

@@ -4,8 +4,9 @@
 the target node's registered handler directly (with the same role check and the same
 ``RemoteError``/``RequestTimeoutError`` a real node gives), gossip goes to every
 subscriber. There are no sockets and no threads, so trio's ``MockClock`` drives leases,
-renewals and deadlines deterministically. ``FakeLeaser`` stands in for the allocator
-behind a ``Pool``. Real-loopback tests cover the same features with real nodes.
+renewals and deadlines deterministically. ``FakeRpcNode`` is the smaller seam a single component registers on:
+its handlers, called directly, and the revocation callbacks. ``FakeLeaser`` stands in for
+the allocator behind a ``Pool``. Real-loopback tests cover the same features with real nodes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from hypha.scheduler.pool import RenewHook
 
 M = TypeVar("M", bound=m.Msg)
 Handler = Callable[[str, Any], Awaitable[m.Msg]]
+OnPeerRevoked = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,33 @@ class FakeNode:
         send, receive = trio.open_memory_channel[tuple[str, Any]](depth)
         self.hub.subscribers.setdefault(topic, []).append(send)
         return receive
+
+
+class FakeRpcNode:
+    """The part of ``Node`` a component registers on (``rpc``, ``on_peer_revoked``), no network.
+
+    ``call(peer, msg)`` runs the handler registered for ``msg``'s type as if ``peer`` sent
+    it: there is no role check and no error mapping, so a handler's ``HyphaError`` reaches
+    the test. ``revoke(peer)`` runs the ``on_peer_revoked`` callbacks, as the node's CRL
+    watcher does once it cut ``peer``. Subclass it to add the peers' side (``request``).
+    """
+
+    def __init__(self) -> None:
+        self.rpc = FakeRpc()
+        self.revocation_callbacks: list[OnPeerRevoked] = []
+
+    async def call(self, peer: str, msg: m.Msg) -> m.Msg:
+        """Run the handler for ``msg`` as a request from ``peer`` and return its answer."""
+        handler, _roles = self.rpc.routes[type(msg)]
+        return await handler(peer, msg)
+
+    def on_peer_revoked(self, callback: OnPeerRevoked) -> None:
+        self.revocation_callbacks.append(callback)
+
+    async def revoke(self, peer: str) -> None:
+        """Tell every revocation callback that ``peer``'s certificate was revoked."""
+        for callback in self.revocation_callbacks:
+            await callback(peer)
 
 
 @dataclass
