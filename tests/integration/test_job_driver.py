@@ -1,4 +1,4 @@
-"""The scheduler's job driver answering trainers and the parameter server over real nodes.
+"""The scheduler's job driver answering trainers, the parameter server and strangers over real nodes.
 
 A ``JobDriver`` runs on a scheduler node; a trainer and a parameter server are plain worker
 nodes that send it the messages their executors' workers would. The pools lease nothing
@@ -9,6 +9,9 @@ progress that runs a round ahead.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ import trio
 from hypha.data.manifest import load_manifest
 from hypha.data.prepare import prepare_dataset
 from hypha.errors import RemoteError
+from hypha.net.host import Node
+from hypha.protocol import codes
 from hypha.protocol import messages as m
 from hypha.scheduler.job import JobContext, JobDriver
 from hypha.scheduler.node import pool_spec
@@ -39,7 +44,19 @@ def job_doc() -> dict[str, object]:
     }
 
 
-async def test_driver_takes_back_returned_slices_and_counts_early_progress(pki: Pki, tmp_path: Path) -> None:
+@dataclass
+class Driven:
+    """A job driver on a scheduler node, with one trainer and a parameter server in its state."""
+
+    driver: JobDriver
+    state: JobState
+    sched: Node
+    trainer: Node
+    ps: Node
+
+
+@asynccontextmanager
+async def driven_job(pki: Pki, tmp_path: Path) -> AsyncIterator[Driven]:
     src = tmp_path / "text"
     src.mkdir()
     (src / "a.txt").write_text("all work and no play makes jack a dull boy\n" * 200)
@@ -75,7 +92,12 @@ async def test_driver_takes_back_returned_slices_and_counts_early_progress(pki: 
         driver.planner.start_round(0, job.samples_per_round, [(trainer.peer_id, job.batch_size)], 0.0)
         for node in (trainer, ps):
             await node.connect(sched.listen_addrs()[0])
+        yield Driven(driver, state, sched, trainer, ps)
 
+
+async def test_driver_takes_back_returned_slices_and_counts_early_progress(pki: Pki, tmp_path: Path) -> None:
+    async with driven_job(pki, tmp_path) as d:
+        driver, state, sched, trainer, ps = d.driver, d.state, d.sched, d.trainer, d.ps
         with trio.fail_after(30):
             # The trainer is assigned a slice, cannot fetch it and gives it back.
             assign = await trainer.request(
@@ -115,3 +137,27 @@ async def test_driver_takes_back_returned_slices_and_counts_early_progress(pki: 
         assert stats.round == 1
         assert stats.samples_done == 24  # the early batches count for round 1
         assert stats.seconds_per_batch == {trainer.peer_id: pytest.approx(0.1)}
+
+
+async def test_driver_tells_only_its_own_workers_who_is_in_the_job(pki: Pki, tmp_path: Path) -> None:
+    async with driven_job(pki, tmp_path) as d, open_test_node(pki, "stranger", "worker") as stranger:
+        await stranger.connect(d.sched.listen_addrs()[0])
+
+        def ask(about: str) -> m.JobMemberRequest:
+            return m.JobMemberRequest(job_id=d.driver.job_id, peer=about)
+
+        with trio.fail_after(30):
+            # A trainer asks before taking a file from a peer: the parameter server is in the
+            # job, the stranger is not.
+            reply = await d.trainer.request(d.sched.peer_id, ask(d.ps.peer_id), m.JobMemberResponse)
+            assert reply.member
+            reply = await d.trainer.request(d.sched.peer_id, ask(stranger.peer_id), m.JobMemberResponse)
+            assert not reply.member
+            # Outsiders learn nothing about who is in the job, nor does a question about another job.
+            with pytest.raises(RemoteError) as refused:
+                await stranger.request(d.sched.peer_id, ask(d.trainer.peer_id), m.JobMemberResponse)
+            assert refused.value.code == codes.FORBIDDEN
+            other_job = m.JobMemberRequest(job_id="another-job", peer=d.ps.peer_id)
+            with pytest.raises(RemoteError) as refused:
+                await d.trainer.request(d.sched.peer_id, other_job, m.JobMemberResponse)
+            assert refused.value.code == codes.FORBIDDEN
