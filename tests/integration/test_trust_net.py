@@ -27,7 +27,7 @@ from hypha.net.bulk.offers import Offers
 from hypha.net.bulk.stats import Counters
 from hypha.net.host import Node
 from hypha.net.rpc import PEER_BUDGET_BYTES
-from hypha.pki import revoke
+from hypha.pki import CertificateVerifier, revoke
 from hypha.protocol import codec, codes, ids
 from hypha.protocol import messages as m
 from hypha.resources import Resources
@@ -77,7 +77,10 @@ async def test_idle_sockets_hold_no_thread_and_end_at_the_handshake_deadline(
     counters = Counters()
     limiter = trio.CapacityLimiter(8)
     gate = HandshakeGate(counters, max_handshakes=64, max_per_host=16)
-    channel = DirectChannel(files, Offers(counters), limiter, 30.0, gate=gate, handshake_timeout_seconds=5.0)
+    verifier = CertificateVerifier(files.trust, files.crls)
+    channel = DirectChannel(
+        files, verifier, Offers(counters), limiter, 30.0, gate=gate, handshake_timeout_seconds=5.0
+    )
     async with trio.open_nursery() as nursery:
         address = await nursery.start(channel.serve, "127.0.0.1", "127.0.0.1")
         start = trio.current_time()

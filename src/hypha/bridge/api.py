@@ -2,7 +2,8 @@
 
 ``BridgeBackend`` is what a worker implements for one task (and tests fake); the server in
 ``hypha.bridge.server`` turns HTTP requests into calls on it and maps its exceptions to
-status codes. ``resolve_in`` confines executor-supplied paths to the task's work directory.
+status codes. ``resolve_in`` confines executor-supplied paths to the task's work directory;
+``shown`` and ``has_control_characters`` treat client input in its messages (and the server's).
 ``openapi_document`` describes the routes. Nothing here opens sockets or touches the network.
 """
 
@@ -109,45 +110,54 @@ def resolve_in(work_dir: Path, rel: str) -> Path:
     _check_shape(rel)
     pure = PurePosixPath(rel)
     if pure.is_absolute():
-        raise ValueError(f"path {_shown(rel)} is absolute; give it relative to the work dir")
+        raise ValueError(f"path {shown(rel)} is absolute; give it relative to the work dir")
     if ".." in pure.parts:
-        raise ValueError(f"path {_shown(rel)} has a '..' component")
+        raise ValueError(f"path {shown(rel)} has a '..' component")
     if len(pure.parts) > MAX_PATH_COMPONENTS:
         raise ValueError(
-            f"path {_shown(rel)} has {len(pure.parts)} components (at most {MAX_PATH_COMPONENTS})"
+            f"path {shown(rel)} has {len(pure.parts)} components (at most {MAX_PATH_COMPONENTS})"
         )
     if any(len(part.encode()) > MAX_COMPONENT_BYTES for part in pure.parts):
-        raise ValueError(f"path {_shown(rel)} has a component longer than {MAX_COMPONENT_BYTES} bytes")
+        raise ValueError(f"path {shown(rel)} has a component longer than {MAX_COMPONENT_BYTES} bytes")
     root = work_dir.resolve()
     try:
         resolved = root.joinpath(pure).resolve()
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python 3.11)
-        raise ValueError(f"path {_shown(rel)} cannot be resolved: {exc}") from exc
+        raise ValueError(f"path {shown(rel)} cannot be resolved: {exc}") from exc
     if not resolved.is_relative_to(root):
-        raise ValueError(f"path {_shown(rel)} escapes the work dir")
+        raise ValueError(f"path {shown(rel)} escapes the work dir")
     return resolved
 
 
 def _check_shape(rel: str) -> None:
     """Refuse what no file name of a task has: emptiness, huge sizes, control characters."""
-    if not isinstance(rel, str) or not rel:
+    if not rel:
         raise ValueError("path must be a non-empty string")
     if "\x00" in rel:
-        raise ValueError(f"path {_shown(rel)} has a NUL byte")
+        raise ValueError(f"path {shown(rel)} has a NUL byte")
     try:
         size = len(rel.encode())
     except UnicodeEncodeError:
-        raise ValueError(f"path {_shown(rel)} is not valid UTF-8 (it holds a lone surrogate)") from None
+        raise ValueError(f"path {shown(rel)} is not valid UTF-8 (it holds a lone surrogate)") from None
     if size > MAX_PATH_BYTES:
         raise ValueError(f"path of {size} bytes is too long (at most {MAX_PATH_BYTES})")
-    if any(unicodedata.category(c) == "Cc" for c in rel):
-        raise ValueError(f"path {_shown(rel)} has control characters")
+    if has_control_characters(rel):
+        raise ValueError(f"path {shown(rel)} has control characters")
 
 
-def _shown(rel: str) -> str:
-    """``rel`` for a message: its start, printable, whatever it holds."""
-    text = rel if len(rel) <= 60 else rel[:60] + "..."
-    return ascii(text)
+def has_control_characters(text: str) -> bool:
+    """Whether ``text`` holds a control character (Unicode category Cc: NUL, newline, DEL...)."""
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
+def shown(text: str, *, limit: int = 60, quoted: bool = True) -> str:
+    """Client input for a message or a log line: its first ``limit`` characters, in ASCII.
+
+    Whatever ``text`` holds, the result is printable (``ascii``); ``quoted=False`` drops
+    the quotes ``ascii`` puts around it.
+    """
+    text = ascii(text if len(text) <= limit else text[:limit] + "...")
+    return text if quoted else text[1:-1]
 
 
 def _json_body(name: str) -> dict[str, object]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import unicodedata
 import urllib.parse
 from dataclasses import dataclass
 from functools import partial
@@ -30,8 +29,10 @@ from hypha.bridge.api import (
     MAX_IDLE_SECONDS,
     SSE_KEEPALIVE_SECONDS,
     BridgeBackend,
+    has_control_characters,
     openapi_document,
     resolve_in,
+    shown,
 )
 from hypha.bridge.asgi import (
     CLOSE,
@@ -203,7 +204,7 @@ class BridgeApp:
         data = await self._read_body(ex)
         try:
             return decode_json(data, kind)
-        except (CodecProtocolError, UnicodeDecodeError) as exc:
+        except CodecProtocolError as exc:
             raise Reject(400, "invalid_request", f"malformed {kind.__name__} body: {exc}") from exc
 
     # --- routes ---------------------------------------------------------------------------
@@ -314,13 +315,13 @@ def _check_head(ex: Exchange) -> None:
         raise Reject(
             400, "invalid_request", f"request path of {len(path)} characters (at most {MAX_ROUTE_CHARS})"
         )
-    if any(unicodedata.category(c) == "Cc" for c in path):
+    if has_control_characters(path):
         raise Reject(400, "invalid_request", f"request path {_shown(path)} has control characters")
 
 
 def _shown(text: str) -> str:
-    """Client input for a message or a log line: its start, in ASCII."""
-    return ascii(text if len(text) <= 80 else text[:80] + "...")[1:-1]
+    """Client input for the server's messages and log lines: its start, in ASCII, unquoted."""
+    return shown(text, limit=80, quoted=False)
 
 
 def _idle_seconds(query: bytes) -> float:

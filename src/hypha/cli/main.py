@@ -114,9 +114,7 @@ def scheduler(
     spec, _ = _load_job(job)
 
     async def serve(cfg: SchedulerConfig) -> None:
-        await run_scheduler(
-            cfg, spec, ready_file=ready_file, allocate_only=allocate_only, model_checked=True
-        )
+        await run_scheduler(cfg, spec, ready_file=ready_file, allocate_only=allocate_only, model_checked=True)
 
     overrides = net_overrides(listen, gateway)
     run_role(

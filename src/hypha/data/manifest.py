@@ -42,7 +42,6 @@ DTYPES: Final = frozenset(
 """Tensor dtypes a manifest may name (torch names without the ``torch.`` prefix)."""
 
 
-
 class TensorInfo(msgspec.Struct, frozen=True, kw_only=True):
     """One tensor present in every slice.
 

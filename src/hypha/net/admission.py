@@ -79,13 +79,22 @@ class AdmissionStatistics:
 
 
 class AdmissionTransport(TLSTransport):
-    """TLS 1.3 security transport that admits only peers certified by our CA."""
+    """TLS 1.3 security transport that admits only peers certified by our CA.
 
-    def __init__(self, key_pair: KeyPair, files: TlsFiles, directory: PeerDirectory) -> None:
+    Args:
+        key_pair: the node's libp2p identity key.
+        files: the node's certificate and key, which it presents.
+        directory: where admitted peers' credentials are kept.
+        verifier: the node's verifier, which every peer's certificate must pass.
+    """
+
+    def __init__(
+        self, key_pair: KeyPair, files: TlsFiles, directory: PeerDirectory, verifier: CertificateVerifier
+    ) -> None:
         super().__init__(key_pair)
         self._cert_pem = Path(files.cert).read_text()
         self._key_pem = Path(files.key).read_text()
-        self._verifier = CertificateVerifier(files.trust, files.crls)
+        self._verifier = verifier
         self._directory = directory
         self.refusals: dict[str, str] = {}
         """Why the last outbound handshake to a peer was refused (for the dialer's error)."""
@@ -100,18 +109,11 @@ class AdmissionTransport(TLSTransport):
             num_refused_outbound=self._num_refused_outbound,
         )
 
-    def refresh_crls(self) -> bool:
-        """Re-read the CRL file if it changed; see ``CertificateVerifier.refresh_crls``.
-
-        Blocking: call it from a worker thread.
-        """
-        return self._verifier.refresh_crls()
-
     def newly_revoked(self) -> list[str]:
         """Mark revoked, and return, the admitted peers whose certificates the CRL revokes.
 
-        Checks against the CRL loaded last (by ``refresh_crls`` or a handshake); a peer is
-        returned once per revocation.
+        Checks against the CRL the node's verifier loaded last (by ``refresh_crls``, a
+        handshake or a record check); a peer is returned once per revocation.
         """
         revoked = [c.peer_id for c in self._directory.admitted() if self._verifier.is_revoked(c)]
         for peer_id in revoked:

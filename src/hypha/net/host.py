@@ -104,9 +104,13 @@ class Node:
         host: Any,
         directory: PeerDirectory,
         security: AdmissionTransport,
+        verifier: CertificateVerifier,
     ) -> None:
         self.settings = settings
         self._security = security
+        self.verifier = verifier
+        """Our CA's verifier, one per node: admission, the DHT's record checks and the bulk
+        channel share it, so they share one CRL, which the revocation watcher keeps fresh."""
         self.role = settings.role
         self._host = host
         self.directory = directory
@@ -247,14 +251,15 @@ class Node:
         """Cut the peers whose certificates a changed CRL revokes, until cancelled.
 
         Every ``revocation_check_seconds`` the CRL file is checked (in a worker thread: a
-        ``stat``, and a read when it changed). The CRL a handshake re-read counts too.
+        ``stat``, and a read when it changed). The CRL a handshake or a record check re-read
+        counts too: they share the node's verifier.
         """
         failure = ""
         async with trio.open_nursery() as callbacks:
             while True:  # until the node stops
                 await trio.sleep(self.settings.revocation_check_seconds)
                 try:
-                    await trio.to_thread.run_sync(self._security.refresh_crls)
+                    await trio.to_thread.run_sync(self.verifier.refresh_crls)
                     failure = ""
                 except ConfigError as exc:  # a CRL being rewritten, or a broken one: keep the last
                     if str(exc) != failure:
@@ -285,10 +290,13 @@ async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
         ConfigError: unreadable key or certificate files, a key that is not the
             certificate's, or a fixed listen port another process holds.
     """
-    check_node_start(settings.tls, settings.listen_addresses)
+    tls = settings.tls
+    # Blocking (file reads, probe binds, the trust bundle and CRL): in a worker thread.
+    await trio.to_thread.run_sync(check_node_start, tls, settings.listen_addresses)
+    verifier = await trio.to_thread.run_sync(CertificateVerifier, tls.trust, tls.crls)
     directory = PeerDirectory()
-    key_pair = _key_pair(settings.tls.key)
-    security = AdmissionTransport(key_pair, settings.tls, directory)
+    key_pair = _key_pair(tls.key)
+    security = AdmissionTransport(key_pair, tls, directory, verifier)
     host = new_host(
         key_pair=key_pair,
         sec_opt={TLS_PROTOCOL: security},
@@ -297,7 +305,7 @@ async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
         connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
         listen_addrs=[multiaddr.Multiaddr(a) for a in settings.listen_addresses] or None,
     )
-    node = Node(settings, host, directory, security)
+    node = Node(settings, host, directory, security, verifier)
     try:
         async with _serve_node(node, host) as served:
             yield served
@@ -322,7 +330,7 @@ async def _serve_node(node: Node, host: Any) -> AsyncIterator[Node]:
         node.gossip = await stack.enter_async_context(gossip)
         dht = KadDHT(host, DHTMode.SERVER)
         # Records are checked against our CA (and CRL) when stored, not only when read.
-        node.dht = Dht(dht, CertificateVerifier(settings.tls.trust, settings.tls.crls))
+        node.dht = Dht(dht, node.verifier)
         await stack.enter_async_context(background_trio_service(dht))
         await _start_relay(node, host, stack)
         nursery = await stack.enter_async_context(trio.open_nursery())

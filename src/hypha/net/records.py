@@ -55,15 +55,16 @@ class DatasetSigner:
     def load(cls, tls: TlsFiles) -> DatasetSigner:
         """Read the node's key and certificate.
 
+        The key must be the certificate's: ``open_node`` refuses to start a node whose files
+        do not match (``pki.identity.check_key_matches_certificate``), so this does not check
+        again; a mismatched pair would sign records that every reader refuses.
+
         Raises:
             ConfigError: unreadable key or certificate.
-            AdmissionError: the certificate is not this key's.
         """
         key = load_private_key(tls.key)
         cert = load_certificate(tls.cert)
         peer_id = peer_id_of(key.public_key())
-        if _subject_peer_id(cert) != peer_id:
-            raise AdmissionError(f"certificate {tls.cert} does not carry the key in {tls.key}")
         return cls(key=key, certificate=cert.public_bytes(serialization.Encoding.DER), peer_id=peer_id)
 
     def sign(self, name: str, num_slices: int, manifest_sha256: str) -> m.DatasetRecord:
@@ -109,7 +110,9 @@ def check_dataset_record(
     if role != DATA_ROLE:
         who = f"a {role} peer" if role else "a peer without a role"
         raise AdmissionError(f"record for {record.name!r} by {who}: only data nodes announce datasets")
-    if peer_id != record.peer_id or _subject_peer_id(cert) != record.peer_id:
+    # The subject key signs the record; without a verifier, peer_id was derived from it already.
+    subject = _subject_peer_id(cert) if verifier is not None else peer_id
+    if peer_id != record.peer_id or subject != record.peer_id:
         raise AdmissionError(f"record for {record.name!r} names peer {record.peer_id}, its certificate not")
     public = cert.public_key()
     assert isinstance(public, ed25519.Ed25519PublicKey)  # _subject_peer_id checked it

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
@@ -20,6 +19,7 @@ from typing import Any, Final, Protocol, TypeVar
 import trio
 
 from hypha.errors import HyphaError, NetworkError, ProtocolError, RemoteError, wire_code
+from hypha.net.limits import KeyedCounter, LogThrottle
 from hypha.protocol import codec, codes
 from hypha.protocol import messages as m
 
@@ -30,7 +30,9 @@ Handler = Callable[[str, Any], Awaitable[m.Msg]]
 """``async def handler(peer_id, request) -> response``."""
 
 PEER_BUDGET_BYTES: Final = 16 * 1024 * 1024
-"""Default bytes of request bodies one peer may have being read at once (four largest frames)."""
+"""Bytes of request bodies one peer may have being read at once (four largest frames); a
+request whose announced body would pass it is refused and its stream reset, so one peer's
+many slow bodies cannot fill the node's memory."""
 LOG_INTERVAL_SECONDS: Final = 10.0
 """At most one log line per interval about over-budget requests (a flood must not flood logs)."""
 REFUSAL_GRACE_SECONDS: Final = 2.0
@@ -142,13 +144,8 @@ class RpcServer:
         role_of: the role of an admitted peer (None: unknown or revoked).
         request_timeout_seconds: how long a request may take to arrive, and its answer to go.
         is_revoked: whether a peer's certificate was revoked since it was admitted.
-        peer_budget_bytes: bytes of request bodies one peer may have being read at once; a
-            request whose announced body would pass it is refused and its stream reset, so
-            one peer's many slow bodies cannot fill the node's memory.
 
-    Raises:
-        ValueError: ``peer_budget_bytes`` is below the largest frame (such a request could
-            never be served).
+    Each peer may have ``PEER_BUDGET_BYTES`` of request bodies being read at once.
     """
 
     def __init__(
@@ -157,21 +154,17 @@ class RpcServer:
         request_timeout_seconds: float,
         *,
         is_revoked: Callable[[str], bool] = lambda peer: False,
-        peer_budget_bytes: int = PEER_BUDGET_BYTES,
     ) -> None:
-        if peer_budget_bytes < codec.MAX_FRAME_BYTES:
-            raise ValueError(f"peer_budget_bytes must be at least {codec.MAX_FRAME_BYTES}")
         self._routes: dict[type[m.Msg], Route] = {}
         self._role_of = role_of
         self._is_revoked = is_revoked
         self._timeout = request_timeout_seconds
-        self._budget = peer_budget_bytes
-        self._reading: dict[str, int] = {}
-        """Bytes of bodies being read, by peer; a peer with none has no entry."""
+        self._reading = KeyedCounter()
+        """Bytes of bodies being read, by peer."""
         self._num_rejected = 0
         self._num_over_budget = 0
         self._num_revoked = 0
-        self._next_budget_log = -math.inf
+        self._budget_log = LogThrottle(LOG_INTERVAL_SECONDS)
 
     def statistics(self) -> RpcStatistics:
         """Return a snapshot of the routes, the refused requests and the bytes being read."""
@@ -180,7 +173,7 @@ class RpcServer:
             num_rejected=self._num_rejected,
             num_over_budget=self._num_over_budget,
             num_revoked=self._num_revoked,
-            num_bytes_reading=sum(self._reading.values()),
+            num_bytes_reading=self._reading.total(),
         )
 
     def register(
@@ -213,18 +206,13 @@ class RpcServer:
     async def _read_request(self, stream: Stream, peer: str) -> m.Msg | int:
         """Read one request within ``peer``'s budget; an ``int`` is the refused body's length."""
         length = await read_header(stream)
-        used = self._reading.get(peer, 0)
-        if used + length > self._budget:
+        if self._reading.get(peer) + length > PEER_BUDGET_BYTES:
             return length
-        self._reading[peer] = used + length
+        self._reading.add(peer, length)
         try:
             return await read_body(stream, length)
         finally:
-            left = self._reading[peer] - length
-            if left:
-                self._reading[peer] = left
-            else:
-                del self._reading[peer]
+            self._reading.remove(peer, length)
 
     async def _refuse_over_budget(self, stream: Stream, peer: str, length: int) -> None:
         """Refuse a body that would pass ``peer``'s budget: answer, then reset the stream.
@@ -233,15 +221,13 @@ class RpcServer:
         """
         self._num_rejected += 1
         self._num_over_budget += 1
-        now = trio.current_time()
-        if now >= self._next_budget_log:
-            self._next_budget_log = now + LOG_INTERVAL_SECONDS
+        if self._budget_log.ready():
             logger.warning(
                 "refused a %d-byte request from %s: its requests being read would pass %d bytes "
                 "(%d such refusals since start; next line in %g s at the earliest)",
-                *(length, peer, self._budget, self._num_over_budget, LOG_INTERVAL_SECONDS),
+                *(length, peer, PEER_BUDGET_BYTES, self._num_over_budget, LOG_INTERVAL_SECONDS),
             )
-        detail = f"over this peer's budget of {self._budget} request bytes being read at once"
+        detail = f"over this peer's budget of {PEER_BUDGET_BYTES} request bytes being read at once"
         await self._answer_refusal(stream, codes.TOO_MANY_BYTES, detail)
         # An honest client sends its whole body before it reads the refusal and closes: take
         # and drop the body meanwhile. Then reset, so a peer that keeps the stream open gets

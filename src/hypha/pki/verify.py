@@ -82,8 +82,8 @@ class CertificateVerifier:
         self._now = now
         self.refresh_crls()
 
-    def refresh_crls(self) -> bool:
-        """Re-read the CRL file if it changed since the last load; return whether it did.
+    def refresh_crls(self) -> None:
+        """Re-read the CRL file if it changed since the last load.
 
         Blocking (a ``stat``, and a read when the file changed): a node's periodic check
         runs it in a worker thread.
@@ -94,17 +94,16 @@ class CertificateVerifier:
         """
         path = self._crls_path
         if path is None:
-            return False
+            return
         try:
             info = path.stat()
             stamp = (info.st_mtime_ns, info.st_size)
             if stamp == self._crls[0]:
-                return False
+                return
             data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read CRL file {path}: {exc}") from exc
         self._crls = (stamp, frozenset(self._parse_crls(path, data)))
-        return True
 
     def is_revoked(self, creds: PeerCredentials) -> bool:
         """Whether the CRL loaded last revokes the certificate ``creds`` were read from."""

@@ -6,7 +6,8 @@ The CA and CRL are checked by OpenSSL both ways, then the peer ID by
 ``CertificateVerifier``. On the listener, the TLS handshake and the first frame (the
 token) run on the event loop on a non-blocking socket, within a handshake deadline and
 behind ``gate.py``'s caps, so that sockets that never speak, certificate or not, hold no
-worker thread. Byte loops run on synchronous ``ssl`` sockets in worker threads, which
+worker thread; only the peer ID check (which may re-read the CRL file) takes one, once the
+handshake is done. Byte loops run on synchronous ``ssl`` sockets in worker threads, which
 release the GIL while encrypting, hashing and writing. It neither judges requests
 (``offers.py``) nor retries or falls back to a stream (``pull.py``).
 """
@@ -51,6 +52,7 @@ class DirectChannel:
 
     Args:
         files: the node's certificate, key, trust bundle and CRLs.
+        verifier: the node's verifier, for the peer ID behind a certificate.
         offers: the sender's registry that judges incoming requests.
         limiter: worker threads for the byte loops.
         idle_timeout_seconds: longest silence on a connection before it counts as failed.
@@ -65,6 +67,7 @@ class DirectChannel:
     def __init__(
         self,
         files: TlsFiles,
+        verifier: CertificateVerifier,
         offers: Offers,
         limiter: trio.CapacityLimiter,
         idle_timeout_seconds: float,
@@ -76,7 +79,7 @@ class DirectChannel:
             raise ValueError("handshake_timeout_seconds must be positive")
         self._server_ctx = bulk_ssl_context(files, server_side=True)
         self._client_ctx = bulk_ssl_context(files, server_side=False)
-        self._verifier = CertificateVerifier(files.trust, files.crls)
+        self._verifier = verifier
         self._offers = offers
         self._limiter = limiter
         self._idle = idle_timeout_seconds
@@ -153,12 +156,15 @@ class DirectChannel:
     async def _accept(self, tls: ssl.SSLSocket, remote: str) -> tuple[m.Msg, PeerCredentials] | None:
         """Handshake, authenticate and read the request within the deadline; None if refused.
 
-        On the event loop, on the non-blocking socket: waiting for the peer takes no thread.
+        On the event loop, on the non-blocking socket: waiting for the peer takes no thread
+        (checking its certificate, after the handshake, takes one briefly).
         """
         try:
             with trio.fail_after(self._handshake_seconds):
                 await handshake(tls)
-                creds = peer_credentials(tls, self._verifier)
+                creds = await trio.to_thread.run_sync(
+                    peer_credentials, tls, self._verifier, limiter=self._limiter
+                )
                 return await receive_frame(tls), creds
         except trio.TooSlowError:
             self._gate.timed_out(remote, self._handshake_seconds)

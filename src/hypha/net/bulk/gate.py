@@ -11,12 +11,10 @@ allows. It neither handshakes nor enforces the deadline (``direct.py`` does both
 from __future__ import annotations
 
 import logging
-import math
 from typing import Final
 
-import trio
-
 from hypha.net.bulk.stats import Counters
+from hypha.net.limits import KeyedCounter, LogThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +40,10 @@ class HandshakeGate:
         self._counters = counters
         self._max = max_handshakes
         self._max_per_host = max_per_host
-        self._by_host: dict[str, int] = {}
-        """Connections handshaking by remote host; a host with none has no entry."""
+        self._by_host = KeyedCounter()
+        """Connections handshaking by remote host."""
         self._num_handshaking = 0
-        self._next_log = -math.inf
+        self._log_throttle = LogThrottle(LOG_INTERVAL_SECONDS)
 
     def __len__(self) -> int:
         """Connections handshaking now."""
@@ -56,7 +54,7 @@ class HandshakeGate:
 
         Every admitted connection must ``leave`` once its handshake ended, however it ended.
         """
-        from_host = self._by_host.get(host, 0)
+        from_host = self._by_host.get(host)
         if self._num_handshaking >= self._max or from_host >= self._max_per_host:
             self._counters.num_handshakes_refused += 1
             self._log(
@@ -65,17 +63,13 @@ class HandshakeGate:
                 *(host, self._num_handshaking, from_host, self._counters.num_handshakes_refused),
             )
             return False
-        self._by_host[host] = from_host + 1
+        self._by_host.add(host, 1)
         self._num_handshaking += 1
         return True
 
     def leave(self, host: str) -> None:
         """The handshake of a connection ``enter`` admitted from ``host`` has ended."""
-        left = self._by_host[host] - 1
-        if left:
-            self._by_host[host] = left
-        else:
-            del self._by_host[host]
+        self._by_host.remove(host, 1)
         self._num_handshaking -= 1
 
     def timed_out(self, remote: str, seconds: float) -> None:
@@ -88,7 +82,5 @@ class HandshakeGate:
         )
 
     def _log(self, message: str, *args: object) -> None:
-        now = trio.current_time()
-        if now >= self._next_log:
-            self._next_log = now + LOG_INTERVAL_SECONDS
+        if self._log_throttle.ready():
             logger.warning(message, *args)

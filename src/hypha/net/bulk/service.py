@@ -70,6 +70,7 @@ class BulkService:
         )
         self._direct = DirectChannel(
             node.settings.tls,
+            node.verifier,
             self._offers,
             self._limiter,
             idle_timeout_seconds,

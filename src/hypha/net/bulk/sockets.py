@@ -88,9 +88,13 @@ async def receive_frame(tls: ssl.SSLSocket, limit: int = FRAME_LIMIT_BYTES) -> m
         TransferError: the connection closed first.
         OSError: the connection broke.
     """
+    header = await _receive(tls, codec.HEADER.size)
     try:
-        header = await _receive(tls, codec.HEADER.size)
-        body = await _receive(tls, codec.parse_header(header, limit))
+        length = codec.parse_header(header, limit)
+    except codec.ProtocolError as exc:
+        raise ProtocolError(str(exc)) from exc
+    body = await _receive(tls, length)
+    try:
         return codec.decode_body(body)
     except codec.ProtocolError as exc:
         raise ProtocolError(str(exc)) from exc
