@@ -15,12 +15,13 @@
     |   +-- ExecutorStartError  the executor could not be started at all
     +-- NotReadyError        nothing to give yet (no free slice, weights not out): retry
     +-- ForbiddenError       an admitted peer asked for something its role, job or lease does not allow
+    +-- CheckpointError      a checkpoint store that cannot be written or read (URL, bucket, credentials)
 
-Library errors (libp2p, OSError, ssl) are translated into these at the ``net/`` boundary,
-with ``raise ... from exc`` so the cause is kept. Each class has a stable ``wire_code``
-(``hypha.protocol.codes``) that an RPC handler's failure carries to the peer; nothing
-decides on an error's text. Nursery exception groups are taken apart only by the helpers at
-the bottom of this module.
+Library errors (libp2p, OSError, ssl) are translated into these at the ``net/`` boundary
+(storage errors at the ``checkpoint/`` one), with ``raise ... from exc`` so the cause is
+kept. Each class has a stable ``wire_code`` (``hypha.protocol.codes``) that an RPC handler's
+failure carries to the peer; nothing decides on an error's text. Nursery exception groups
+are taken apart only by the helpers at the bottom of this module.
 """
 
 from __future__ import annotations
@@ -125,6 +126,15 @@ class ForbiddenError(HyphaError):
     """An admitted peer asked for something its role, job membership or lease does not allow."""
 
     wire_code: ClassVar[str] = codes.FORBIDDEN
+
+
+class CheckpointError(HyphaError):
+    """A checkpoint store cannot be written or read: bad URL, missing bucket, refused credentials.
+
+    A single checkpoint that fails verification is not an error: the store skips it.
+    """
+
+    wire_code: ClassVar[str] = codes.CHECKPOINT_ERROR
 
 
 class ExecutorStartError(JobError):
