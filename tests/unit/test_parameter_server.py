@@ -113,7 +113,9 @@ async def push(ps: ParameterServer, worker: str, *, round_: int = 0, samples: in
 
 
 async def test_update_arriving_while_a_round_closes_is_late_not_lost(tmp_path: Path) -> None:
-    doc = SimpleNamespace(job_id="j", scheduler="s", min_updates=1, round_deadline_seconds=0.0)
+    doc = SimpleNamespace(
+        job_id="j", scheduler="s", checkpoint=None, min_updates=1, round_deadline_seconds=0.0
+    )
     maths = Maths()
     ps = ParameterServer(Node(), SimpleNamespace(work_dir=tmp_path), doc, Transfers())  # type: ignore[arg-type]
     ps._maths = maths  # type: ignore[assignment]
@@ -134,7 +136,9 @@ async def test_update_arriving_while_a_round_closes_is_late_not_lost(tmp_path: P
 
 
 def deadline_server(tmp_path: Path, *, expected: set[str], min_updates: int) -> tuple[ParameterServer, Maths]:
-    doc = SimpleNamespace(job_id="j", scheduler="s", min_updates=min_updates, round_deadline_seconds=60.0)
+    doc = SimpleNamespace(
+        job_id="j", scheduler="s", checkpoint=None, min_updates=min_updates, round_deadline_seconds=60.0
+    )
     maths = Maths()
     maths.hold = False
     ps = ParameterServer(Node(), SimpleNamespace(work_dir=tmp_path), doc, Transfers())  # type: ignore[arg-type]

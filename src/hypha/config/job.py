@@ -152,6 +152,32 @@ class ParameterServerPool(PoolSection):
 
 
 @dataclass(frozen=True)
+class CheckpointSection:
+    """Where and how often the parameter server checkpoints the job (weights, outer state, round).
+
+    S3 credentials come from the parameter server worker's environment (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``), never from the job spec.
+    """
+
+    store: str = doc(
+        "'' (no checkpoints), an absolute directory on the parameter server's machine, or "
+        "s3://bucket/prefix.",
+        "",
+    )
+    every_rounds: int = doc("Checkpoint after every this many closed rounds (and after the last).", 5)
+    keep_last_n: int = doc("Committed checkpoints kept; older ones are deleted.", 3)
+    compress: Literal["none", "zstd"] = doc("Compression of the checkpoint data.", "none")
+    endpoint_url: str | None = doc("S3 endpoint (for S3-compatible stores), e.g. http://127.0.0.1:9000.", None)
+    region: str | None = doc("S3 region.", None)
+
+    def __post_init__(self) -> None:
+        if self.store and not (self.store.startswith("s3://") or Path(self.store).is_absolute()):
+            raise ValueError(f"store: {self.store!r} must be '', an absolute directory or s3://bucket/prefix")
+        _check_range(self, "every_rounds", 1, MAX_ROUNDS)
+        _check_range(self, "keep_last_n", 1, 1000)
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A DiLoCo training job."""
 
@@ -185,6 +211,7 @@ class JobSpec:
         "Parameter server pool (target 1).", default_factory=ParameterServerPool
     )
     lease_seconds: float | None = doc("Override the scheduler's lease lifetime for this job.", None)
+    checkpoint: CheckpointSection = doc("Parameter-server checkpoints.", default_factory=CheckpointSection)
 
     def __post_init__(self) -> None:
         for key, what in (("name", "job name"), ("dataset", "dataset name")):

@@ -98,6 +98,8 @@ def make_plan(root: Path, job_path: Path | None, num_trainers: int, rounds: int 
         doc = json.loads(json.dumps(DEMO_JOB))
         doc["trainers"]["target"] = num_trainers
         doc["output_dir"] = str(Path("runs").resolve() / doc["name"])
+        # The parameter server checkpoints next to the results (every worker is on this machine).
+        doc["checkpoint"] = {"store": str(Path(doc["output_dir"]) / "checkpoints"), "every_rounds": 10}
         if rounds is not None:
             doc["rounds"] = rounds
         job_path = write_toml(root / "job.toml", doc)

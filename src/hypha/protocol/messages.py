@@ -230,6 +230,19 @@ class RoundClosed(Msg, frozen=True, kw_only=True):
     num_updates: int
     samples: int
     loss: float | None = None
+    checkpoint: str = ""
+    """The newest committed checkpoint ("" while none is): its name in the job's store."""
+
+
+class ParameterServerReady(Msg, frozen=True, kw_only=True):
+    """The parameter server serves the weights of ``round`` (PS -> scheduler).
+
+    Sent once a server has started; a replacement that resumed from a checkpoint names the
+    round it resumed at, and the job goes on from there.
+    """
+
+    job_id: str
+    round: int
 
 
 class RoundPlan(Msg, frozen=True, kw_only=True):
@@ -414,6 +427,7 @@ Message = (
     | SyncAfter
     | Done
     | RoundClosed
+    | ParameterServerReady
     | RoundPlan
     | JobMemberRequest
     | JobMemberResponse

@@ -36,6 +36,17 @@ class OuterDoc(msgspec.Struct, frozen=True, kw_only=True):
     momentum: float = 0.9
 
 
+class CheckpointDoc(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the parameter server checkpoints (``hypha.checkpoint.open_store``'s arguments)."""
+
+    store: str
+    every_rounds: int = 5
+    keep_last_n: int = 3
+    compress: Literal["none", "zstd"] = "none"
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
 class TrainTask(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="train"):
     """What a trainer runs (``python -m hypha.training.trainer``)."""
 
@@ -74,6 +85,8 @@ class AggregateTask(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind",
     """Held-out slice the parameter server evaluates the global model on after each round."""
     eval_sha256: str = ""
     providers: list[str] = msgspec.field(default_factory=list)
+    checkpoint: CheckpointDoc | None = None
+    """Checkpoints, and where a restarted server resumes from (the newest of this job)."""
 
 
 TaskDoc = TrainTask | AggregateTask

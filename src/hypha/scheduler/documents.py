@@ -13,7 +13,7 @@ from pathlib import Path
 from hypha.config.job import JobSpec
 from hypha.data.manifest import Manifest
 from hypha.errors import ConfigError
-from hypha.protocol.tasks import AggregateTask, InnerDoc, ModelDoc, OuterDoc, TrainTask
+from hypha.protocol.tasks import AggregateTask, CheckpointDoc, InnerDoc, ModelDoc, OuterDoc, TrainTask
 from hypha.scheduler.state import DatasetRef
 
 
@@ -100,6 +100,22 @@ def aggregate_task(
         eval_index=dataset.eval_index,
         eval_sha256=eval_sha,
         providers=list(dataset.providers),
+        checkpoint=checkpoint_doc(spec),
+    )
+
+
+def checkpoint_doc(spec: JobSpec) -> CheckpointDoc | None:
+    """The job's checkpoint settings as the parameter server reads them (None: no checkpoints)."""
+    c = spec.checkpoint
+    if not c.store:
+        return None
+    return CheckpointDoc(
+        store=c.store,
+        every_rounds=c.every_rounds,
+        keep_last_n=c.keep_last_n,
+        compress=c.compress,
+        endpoint_url=c.endpoint_url,
+        region=c.region,
     )
 
 

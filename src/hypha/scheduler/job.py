@@ -29,6 +29,7 @@ from hypha.protocol import messages as m
 from hypha.scheduler import documents
 from hypha.scheduler.dataset import discover_dataset
 from hypha.scheduler.pool import Pool
+from hypha.scheduler.progress import ProgressService
 from hypha.scheduler.results import JobRecorder
 from hypha.scheduler.slices import SliceTracker
 from hypha.scheduler.slicing import SliceService
@@ -78,8 +79,10 @@ class JobDriver:
         self._adding: set[str] = set()
         self._trainer_finished = trio.Event()
         node = ctx.node
-        node.rpc.register(m.ProgressRequest, self._progress, roles={"worker"})
+        self.progress = ProgressService(state, self.planner, recorder, self.slices)
+        self.progress.register(node.rpc)
         node.rpc.register(m.RoundClosed, self._round_closed, roles={"worker"})
+        node.rpc.register(m.ParameterServerReady, self._parameter_server_ready, roles={"worker"})
         node.rpc.register(m.TensorPushRequest, self._final_model, roles={"worker"})
         node.rpc.register(m.TaskStatus, self._task_status, roles={"worker"})
         node.rpc.register(m.JobMemberRequest, self._job_member, roles={"worker"})
@@ -219,8 +222,9 @@ class JobDriver:
         if ps is not None and not self.state.done:
             grant = ps_pool.members.get(ps.worker)
             if grant is None or grant.lease_id != ps.lease_id:
-                reason = ps_pool.loss_reason(ps.lease_id) or "its lease ended"
-                self._fail(JobError(f"parameter server {ps.worker} lost: {reason}"))
+                await self._replace_parameter_server(
+                    ps, ps_pool.loss_reason(ps.lease_id) or "its lease ended"
+                )
                 return
         for worker, task in list(self.state.trainers.items()):
             grant = trainers.members.get(worker)
@@ -230,6 +234,27 @@ class JobDriver:
         for worker in list(trainers.members):
             if worker not in self.state.trainers:
                 await self.add_trainer(worker)
+
+    async def _replace_parameter_server(self, lost: TaskRecord, reason: str) -> None:
+        """Fail over: a new parameter server resumes from the job's newest checkpoint.
+
+        Its pool leases a replacement (failing the job past its grace); the trainers are let
+        go and leased again, so each restarts against the new server with its weights. The
+        rounds since that checkpoint are redone; updates sent to the lost server are gone.
+        """
+        if not self.state.spec.checkpoint.store:
+            self._fail(
+                JobError(
+                    f"parameter server {lost.worker} lost: {reason} (no [checkpoint] store to resume from)"
+                )
+            )
+            return
+        logger.warning("parameter server %s lost (%s): failing over to a new one", lost.worker, reason)
+        await self.recorder.event(lost.worker, "parameter_server_lost", self.state.round, reason=reason)
+        self.state.parameter_server_lost()
+        for worker in list(self.state.trainers):
+            self.ctx.trainers.lose(worker, "the parameter server was replaced")
+        await self.start_parameter_server()
 
     async def _follow_pools(self) -> None:
         seen = (-1, -1)
@@ -278,66 +303,38 @@ class JobDriver:
             raise ForbiddenError(f"{peer} holds no task in job {request.job_id}")
         return m.JobMemberResponse(member=self._is_member(request.peer))
 
-    async def _progress(self, peer: str, request: m.ProgressRequest) -> m.Msg:
-        if request.job_id != self.job_id:
-            raise JobError(f"unknown job {request.job_id}")
-        if peer not in self.state.trainers:  # a lost trainer's last words, or a stranger's
-            logger.debug("progress from %s, not a trainer of this job, ignored", peer)
-            return m.Continue()
-        state, event = self.state, request.event
-        if isinstance(event, m.Metrics):
-            await self.recorder.metrics(peer, event.round, event.values)
-            return m.Done() if state.done else m.Continue()
-        if state.done:
-            if isinstance(event, m.UpdateApplied):
-                await self.recorder.event(peer, "update_applied", event.round)
-            return m.Done()
-        if isinstance(event, m.BatchesDone):
-            return await self._batches(peer, event)
-        if isinstance(event, m.UpdateSent):
-            await self.recorder.event(peer, "update_sent", event.round, samples=event.samples)
-            return m.Continue()
-        if isinstance(event, m.UpdateApplied):
-            await self.recorder.event(peer, "update_applied", event.round)
-            return m.Done() if event.round + 1 >= state.spec.rounds else m.Continue()
-        return m.Continue()
+    async def _parameter_server_ready(self, peer: str, ready: m.ParameterServerReady) -> m.Ack:
+        ps = self.state.parameter_server
+        if ps is None or peer != ps.worker or ready.job_id != self.job_id:
+            raise JobError("only this job's parameter server reports itself ready")
+        if ready.round != self.state.round:
+            logger.warning(
+                "parameter server %s resumed at round %d: the job goes on from there", peer, ready.round
+            )
+            self.state.resumed_at(ready.round)
+            self._start_planning()
+            await self._send_plan()
+        return m.Ack()
 
-    async def _batches(self, peer: str, event: m.BatchesDone) -> m.Msg:
-        now = trio.current_time()
-        for index in event.slices_done:
-            self.slices.mark_used(peer, index)
-        if event.batches == 0:
-            return m.Continue()
-        self.recorder.batches(peer, event, now)
-        # Fixed-H trainers sync on their own after ``batches_per_round``.
-        if self.state.spec.fixed_inner_steps is not None or peer not in self.state.trainers:
-            return m.Continue()
-        round_ = self.state.round
-        if event.round == round_ + 1:  # it got round r's weights before we heard of them
-            self.planner.record_ahead(peer, event.round, event.batches, event.samples, event.seconds)
-            return m.Continue()
-        if event.round != round_:
-            return m.Continue()
-        batches = self.planner.on_batches(peer, event.batches, event.samples, event.seconds, now)
-        if batches is None:
-            return m.Continue()
-        await self.recorder.event(peer, "sync_planned", round_, batches=batches)
-        return m.SyncAfter(round=round_, batches=batches)
+    def _start_planning(self) -> None:
+        spec = self.state.spec
+        self.planner.start_round(
+            self.state.round,
+            spec.samples_per_round,
+            [(w, spec.batch_size) for w in self.state.trainers],
+            trio.current_time(),
+        )
 
     async def _round_closed(self, peer: str, closed: m.RoundClosed) -> m.Ack:
         ps = self.state.parameter_server
         if ps is None or peer != ps.worker or closed.job_id != self.job_id:
             raise JobError("only this job's parameter server closes rounds")
         await self.recorder.global_round(closed)
+        if closed.checkpoint and closed.checkpoint != self.state.checkpoint:
+            self.state.checkpoint_written(closed.checkpoint)
         self.state.round_closed(closed.round, self.planner.statistics().seconds_per_batch)
         if not self.state.done:
-            spec = self.state.spec
-            self.planner.start_round(
-                self.state.round,
-                spec.samples_per_round,
-                [(w, spec.batch_size) for w in self.state.trainers],
-                trio.current_time(),
-            )
+            self._start_planning()
             await self._send_plan()
         return m.Ack()
 

@@ -173,6 +173,9 @@ class JobRecorder:
             "done": job.done,
             "epoch": job.epoch,
             "skipped_slices": job.num_skipped_slices,
+            "state": "failed" if job.error else "done" if job.done else "running",
+            "error": job.error,
+            "checkpoint": job.checkpoint,
         }
 
     async def write_status(self, job: JobSnapshot) -> None:

@@ -172,6 +172,20 @@ class JobState:
         self._bump()
         return released
 
+    def parameter_server_lost(self) -> None:
+        """The parameter server is gone; a replacement is being found."""
+        if self.parameter_server is not None:
+            self.parameter_server = None
+            self._bump()
+
+    def resumed_at(self, round_: int) -> None:
+        """A replacement parameter server resumed from a checkpoint: rounds from ``round_`` are redone."""
+        if round_ != self.round:
+            self.round = round_
+            self.finished_rounds = round_
+            self.done = False
+            self._bump()
+
     def round_closed(self, round_: int, paces: Mapping[str, float]) -> None:
         """Round ``round_`` closed: the next one starts, or the job is done after the last."""
         self.finished_rounds = round_ + 1

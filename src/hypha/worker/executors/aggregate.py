@@ -31,6 +31,7 @@ from hypha.worker.authorize import (
     check_weights_request,
 )
 from hypha.worker.executors.aggregate_maths import TORCH, OuterMaths, Update
+from hypha.worker.executors.checkpoints import Checkpointer
 from hypha.worker.task import Task
 from hypha.worker.transfers import Transfers
 
@@ -84,6 +85,10 @@ class ParameterServer:
         self._weights: dict[int, Path] = {}
         self._finished = trio.Event()
         self._num_late = self._num_rounds_closed = self._num_aggregated = 0
+        self._nursery: trio.Nursery | None = None
+        self.checkpoints: Checkpointer | None = None
+        if doc.checkpoint is not None:
+            self.checkpoints = Checkpointer(doc.checkpoint, doc.job_id, doc.rounds)
 
     def statistics(self) -> ParameterServerStatistics:
         """Return a snapshot of the counters."""
@@ -198,9 +203,21 @@ class ParameterServer:
 
     async def run(self) -> None:
         self._maths = await trio.to_thread.run_sync(OuterMaths, self._doc, self._task.work_dir, limiter=TORCH)
-        await self._publish_weights(0)
+        start = 0
+        if self.checkpoints is not None:
+            await self.checkpoints.open()
+            start = await self.checkpoints.restore(self._maths) or 0
+            # A plan may have come while the store was read: the membership carries over.
+            old = self.round
+            self.round = _Round(
+                start, expected=set(old.expected), min_updates=old.min_updates, max_samples=old.max_samples
+            )
+            old.notify()
+        await self._publish_weights(start)
         await self._load_eval()
+        await self._report(m.ParameterServerReady(job_id=self._doc.job_id, round=start))
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._wait_finished, nursery.cancel_scope)
             while self.round.number < self._doc.rounds:
                 await self._close_round()
@@ -208,6 +225,8 @@ class ParameterServer:
 
     async def _wait_finished(self, scope: trio.CancelScope) -> None:
         await self._finished.wait()
+        if self.checkpoints is not None:
+            await self.checkpoints.drain()  # the final checkpoint commits before the job ends
         await self._send_final_model()
         scope.cancel()
 
@@ -274,6 +293,11 @@ class ParameterServer:
         )
         current.notify()  # requests waiting for a plan go on with the new round
         await self._publish_weights(current.number + 1)
+        if self.checkpoints is not None and self.checkpoints.due(current.number + 1):
+            assert self._nursery is not None
+            await self.checkpoints.take(self._maths, current.number + 1, self._nursery)
+            if current.number + 1 >= self._doc.rounds:
+                await self.checkpoints.drain()  # the scheduler hears of the final checkpoint
         # Only the plan's trainers: a sender that is no longer in it gets nothing.
         recipients = sorted(current.expected)
         logger.info(
@@ -287,6 +311,7 @@ class ParameterServer:
                 num_updates=len(updates),
                 samples=samples,
                 loss=loss,
+                checkpoint=self.checkpoints.last if self.checkpoints is not None else "",
             )
         )
 

@@ -93,6 +93,48 @@ class OuterMaths:
 
         save_tensors_file(path, self.delta, self.delta_encoding, {"round": str(round_), "kind": "delta"})
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of everything a checkpoint holds: weights, outer optimizer state, residual.
+
+        The copies are what the round waits for; encoding and writing them happen later, in
+        the background (``checkpoint_bytes``), while rounds go on.
+        """
+        state = {f"param.{n}": p.clone() for n, p in self.params.items()}
+        state.update({f"outer.{k}": t for k, t in self.outer.state_dict().items()})  # already copies
+        state.update({f"residual.{n}": r.clone() for n, r in self.residual.items()})
+        return state
+
+    @staticmethod
+    def checkpoint_bytes(snapshot: dict[str, torch.Tensor], round_: int, job_id: str) -> bytes:
+        """A snapshot as checkpoint data (safetensors, fp32: a checkpoint is exact)."""
+        from hypha.training.compress import encode_tensors
+
+        return encode_tensors(snapshot, "fp32", {"round": str(round_), "job_id": job_id})
+
+    def restore(self, data: bytes) -> int:
+        """Load a checkpoint written by ``checkpoint_bytes``; return the round it resumes at.
+
+        Raises:
+            ValueError: The data is not a checkpoint of this model.
+        """
+        from hypha.training.compress import decode_tensors
+
+        tensors, meta = decode_tensors(data)
+        params = {k.removeprefix("param."): t for k, t in tensors.items() if k.startswith("param.")}
+        outer = {k.removeprefix("outer."): t for k, t in tensors.items() if k.startswith("outer.")}
+        residual = {k.removeprefix("residual."): t for k, t in tensors.items() if k.startswith("residual.")}
+        if set(params) != set(self.params) or any(
+            params[n].shape != self.params[n].shape for n in self.params
+        ):
+            raise ValueError("the checkpoint's parameters are not this model's")
+        if residual and set(residual) != set(self.params):
+            raise ValueError("the checkpoint's residual does not match the model's parameters")
+        self.outer.load_state_dict(outer)
+        self.params = {n: t.float().clone() for n, t in params.items()}
+        self.residual = {n: t.float().clone() for n, t in residual.items()}
+        self.delta = {}
+        return int(meta["round"])
+
     def step(self, updates: Sequence[Update]) -> None:
         """Outer step; the change is broadcast encoded, with error feedback kept here.
 
