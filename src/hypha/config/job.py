@@ -129,8 +129,14 @@ class PoolSection:
     bid: float = doc("Price offered per lease (public).", 1.0)
     max_price: float = doc("Highest price accepted (private).", 10.0)
     resources: ResourceNeeds = doc("Resources each member needs.", default_factory=ResourceNeeds)
+    max_task_failures: int = doc(
+        "Trainer tasks failing with the same error this often fail the job; a worker whose tasks "
+        "failed this often is not leased again for it.",
+        3,
+    )
 
     def __post_init__(self) -> None:
+        _check_range(self, "max_task_failures", 1, 1000)
         if not self.executor:
             raise ValueError("executor: must not be empty")
         _check_range(self, "target", 0, MAX_POOL_TARGET)
@@ -167,7 +173,9 @@ class CheckpointSection:
     every_rounds: int = doc("Checkpoint after every this many closed rounds (and after the last).", 5)
     keep_last_n: int = doc("Committed checkpoints kept; older ones are deleted.", 3)
     compress: Literal["none", "zstd"] = doc("Compression of the checkpoint data.", "none")
-    endpoint_url: str | None = doc("S3 endpoint (for S3-compatible stores), e.g. http://127.0.0.1:9000.", None)
+    endpoint_url: str | None = doc(
+        "S3 endpoint (for S3-compatible stores), e.g. http://127.0.0.1:9000.", None
+    )
     region: str | None = doc("S3 region.", None)
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ from hypha.data.manifest import Manifest
 from hypha.errors import ForbiddenError, HyphaError, JobError
 from hypha.net.bulk import BulkService
 from hypha.net.host import Node
-from hypha.protocol import codec, codes
+from hypha.protocol import codec
 from hypha.protocol import messages as m
 from hypha.scheduler import documents
 from hypha.scheduler.dataset import discover_dataset
@@ -34,6 +34,7 @@ from hypha.scheduler.results import JobRecorder
 from hypha.scheduler.slices import SliceTracker
 from hypha.scheduler.slicing import SliceService
 from hypha.scheduler.state import JobState, LeaseRecord, PoolName, TaskRecord, TaskRole
+from hypha.scheduler.statuses import TaskStatusService
 from hypha.scheduler.sync import SyncPlanner
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,10 @@ class JobDriver:
         node.rpc.register(m.RoundClosed, self._round_closed, roles={"worker"})
         node.rpc.register(m.ParameterServerReady, self._parameter_server_ready, roles={"worker"})
         node.rpc.register(m.TensorPushRequest, self._final_model, roles={"worker"})
-        node.rpc.register(m.TaskStatus, self._task_status, roles={"worker"})
+        self.statuses = TaskStatusService(
+            state, ctx.trainers, recorder, self._fail, lambda: self._trainer_finished.set()
+        )
+        self.statuses.register(node.rpc)
         node.rpc.register(m.JobMemberRequest, self._job_member, roles={"worker"})
 
     @property
@@ -252,6 +256,7 @@ class JobDriver:
         logger.warning("parameter server %s lost (%s): failing over to a new one", lost.worker, reason)
         await self.recorder.event(lost.worker, "parameter_server_lost", self.state.round, reason=reason)
         self.state.parameter_server_lost()
+        self.statuses.failures.forgive()  # trainers that died with their server are not crash-looping
         for worker in list(self.state.trainers):
             self.ctx.trainers.lose(worker, "the parameter server was replaced")
         await self.start_parameter_server()
@@ -269,29 +274,6 @@ class JobDriver:
             await self._reconcile()
 
     # --- handlers ---------------------------------------------------------------------------
-
-    async def _task_status(self, peer: str, status: m.TaskStatus) -> m.Ack:
-        ps = self.state.parameter_server
-        if ps is not None and status.task_id == ps.task_id and peer == ps.worker:
-            if status.state == "failed" and not self.state.done:
-                self._fail(JobError(f"parameter server failed: {status.detail or status.exit_code}"))
-            return m.Ack()
-        task = self.state.trainers.get(peer)
-        if task is None or task.task_id != status.task_id:
-            return m.Ack()
-        if status.state == "failed":
-            detail = status.detail.strip().splitlines()[-1] if status.detail.strip() else ""
-            never_started = status.exit_code is None and not task.reported
-            if status.code == codes.EXECUTOR_START or never_started:
-                self._fail(JobError(f"trainer executor on {peer} cannot start: {detail}"))
-            else:
-                self.ctx.trainers.lose(peer, f"task failed with exit code {status.exit_code}: {detail}")
-        elif status.state == "running":
-            self.state.task_reported(task)
-        elif status.state == "finished":
-            await self.recorder.event(peer, "finished", self.state.round)
-            self._trainer_finished.set()
-        return m.Ack()
 
     def _is_member(self, peer: str) -> bool:
         ps = self.state.parameter_server

@@ -9,7 +9,8 @@ with its lease), and ``wait_changed`` wakes whoever follows it (the job driver r
 its tasks against the members; a worker re-leased between two looks has a new lease id, so
 no change is ever missed). Why a member was lost is kept by lease id (``loss_reason``). A
 member whose certificate is revoked is lost at once (``peer_revoked``, for
-``Node.on_peer_revoked``) and never leased again by this pool.
+``Node.on_peer_revoked``) and never leased again by this pool, as is one the job excludes
+(``exclude``: its tasks keep failing).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Pool:
         self._changed = trio.Event()
         self._below_min_since: float | None = None
         self._reasons: OrderedDict[str, str] = OrderedDict()
-        self._revoked: set[str] = set()
+        self._excluded: set[str] = set()
         self._num_lost = 0
         self._num_joined = 0
         self._num_renewals = 0
@@ -148,7 +149,7 @@ class Pool:
                             self.spec.worker,
                             self.spec.price,
                             missing,
-                            exclude=frozenset(self.members) | self._revoked,
+                            exclude=frozenset(self.members) | self._excluded,
                         )
                         for grant in grants:
                             self._join(grant, nursery)
@@ -228,8 +229,12 @@ class Pool:
         The revoked peer cannot connect any more, so its lease is not released: the worker
         ends it on its side when it learns of the revocation (or when it lapses).
         """
-        self._revoked.add(peer)
-        self.lose(peer, "its certificate was revoked")
+        self.exclude(peer, "its certificate was revoked")
+
+    def exclude(self, worker: str, reason: str) -> None:
+        """Lose ``worker`` if a member, and never lease it again in this pool."""
+        self._excluded.add(worker)
+        self.lose(worker, reason)
 
     async def release(self, grants: Iterable[Grant]) -> None:
         for grant in list(grants):
