@@ -1,7 +1,8 @@
 """Parameter-server failover: its worker process is SIGKILLed mid-job and the job completes.
 
-Real processes: four workers are child processes (``hypha worker``), so one can be killed as
-a crash would; the gateway, the data node and the scheduler are real nodes in this process.
+Real processes: four workers are child processes (``hypha worker``,
+``hypha.testing.processes``), so one can be killed as a crash would; the gateway, the data
+node and the scheduler are real nodes in this process.
 The same job runs twice on the network, first undisturbed, then with the parameter server's
 worker killed once a given round has closed (an event: the job's ``status.json``, never a
 timer). The second run must finish every round from the newest checkpoint, redo at most the
@@ -11,8 +12,6 @@ checkpoint interval, and end within 10% of the undisturbed run's held-out loss.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,9 @@ import pytest
 import trio
 
 from hypha.config.job import JobSpec
-from hypha.datanode.node import run_data_node
-from hypha.local.children import ChildNode
-from hypha.local.plan import read_status
-from hypha.testing.cluster import Pki, open_test_node, spawn_node, write_toml
-from hypha.testing.network import EXECUTORS, data_config, run_training_job, training_job
+from hypha.testing.cluster import Pki
+from hypha.testing.network import run_training_job, training_job
+from hypha.testing.processes import kill_parameter_server_after, open_process_network
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -60,40 +57,6 @@ def job_spec(tmp: Path, name: str) -> JobSpec:
     return training_job(tmp, name, doc, num_trainers=2, min_trainers=1)
 
 
-@asynccontextmanager
-async def network(pki: Pki, tmp: Path) -> AsyncIterator[tuple[str, dict[str, ChildNode]]]:
-    """A gateway, a data node and four worker processes; yields the gateway and workers by peer."""
-    ds = dataset(tmp)
-    async with (
-        open_test_node(pki, "gw", "gateway", relay_hop=True) as gw,
-        trio.open_nursery() as nursery,
-        AsyncExitStack() as stack,
-    ):
-        addr = gw.listen_addrs()[0]
-        data_cfg = data_config(pki, addr, ds)
-        await nursery.start(lambda task_status: run_data_node(data_cfg, task_status=task_status))
-        workers: dict[str, ChildNode] = {}
-        for i in range(4):
-            name = f"w{i}"
-            cfg = write_toml(
-                tmp / f"{name}.toml",
-                {
-                    **pki.config_keys(pki.node(name, "worker")),
-                    "gateway_addresses": [addr],
-                    "relay_circuit": False,
-                    "work_dir": str(tmp / name),
-                    "resources": {"cpu": 1.0, "memory": 4.0, "storage": 10.0},
-                    "offer": {"price": 1.0 + i, "floor": 0.1},
-                    "executors": EXECUTORS,
-                    "kill_grace_seconds": 2.0,
-                },
-            )
-            child = await stack.enter_async_context(spawn_node(["worker", "--config", str(cfg)], tmp, name))
-            workers[child.peer_id] = child
-        yield addr, workers
-        nursery.cancel_scope.cancel()
-
-
 def global_losses(out: Path) -> dict[int, float]:
     """The held-out loss of each closed round (a redone round: its last value)."""
     losses: dict[int, float] = {}
@@ -104,19 +67,8 @@ def global_losses(out: Path) -> dict[int, float]:
     return losses
 
 
-async def kill_parameter_server_after(job: JobSpec, workers: dict[str, ChildNode], rounds: int) -> str:
-    """SIGKILL the parameter server's worker once ``rounds`` rounds have closed; return its peer."""
-    while True:
-        status = await trio.to_thread.run_sync(read_status, job.out)
-        if status is not None and status["round"] >= rounds and status["parameter_server"] in workers:
-            victim = workers[status["parameter_server"]]
-            victim.kill()
-            return victim.peer_id
-        await trio.sleep(0.05)  # polling status.json under the caller's deadline
-
-
 async def test_job_completes_after_its_parameter_server_is_killed(pki: Pki, tmp_path: Path) -> None:
-    async with network(pki, tmp_path) as (addr, workers):
+    async with open_process_network(pki, tmp_path, dataset(tmp_path), num_workers=4) as (addr, workers):
         calm = job_spec(tmp_path, "calm")
         with trio.fail_after(240):
             await run_training_job(pki, addr, calm, "sched-calm")
