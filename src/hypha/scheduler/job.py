@@ -127,8 +127,11 @@ class JobDriver:
 
     async def start_parameter_server(self) -> None:
         spec = self.state.spec
-        with trio.fail_after(spec.parameter_server.grace_seconds + 60):
+        wait = spec.parameter_server.grace_seconds + 60
+        with trio.move_on_after(wait):
             await self.ctx.parameter_server.wait_size(1)
+        if not self.ctx.parameter_server.members:
+            raise JobError(f"no worker took the parameter server within {wait:g} s")
         worker = self.ctx.parameter_server.workers()[0]
         assert self.state.dataset is not None
         doc = documents.aggregate_task(
