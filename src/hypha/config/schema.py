@@ -227,7 +227,9 @@ class SchedulerConfig(ClientNetworkSection):
 
     lease_seconds: float = doc("Lifetime of a lease; renewed at 75%.", 30.0)
     offer_deadline_seconds: float = doc("How long offers are collected for one advertisement.", 1.0)
-    state_dir: Path = doc("Directory for the scheduler's persisted state.", Path("hypha-state"))
+    state_dir: Path | None = doc(
+        "Directory of the scheduler's persisted job state (SQLite), for --resume; unset: not kept.", None
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

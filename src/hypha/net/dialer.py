@@ -129,8 +129,18 @@ class Dialer:
                 continue
             if self._allowed(addr):
                 good.append(addr)
-        if good:
-            self._host.get_peerstore().add_addrs(ID.from_base58(peer_id), good, 3600)
+        if not good:
+            return
+        pid = ID.from_base58(peer_id)
+        store = self._host.get_peerstore()
+        known = set(map(str, store.addrs(pid))) if _known(self._host, pid) else set()
+        if known != set(map(str, good)):
+            # What a peer announces now is where it is now: a restarted node (same identity,
+            # new port) must not be dialled at its old address, nor stay in the swarm's
+            # negative cache of peers whose every address failed a moment ago.
+            store.clear_addrs(pid)
+            self._host.get_network().unblock_peer(pid)
+        store.add_addrs(pid, good, 3600)
 
     def _known_addrs(self, pid: ID) -> list[Any]:
         if not _known(self._host, pid):

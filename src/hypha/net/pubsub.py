@@ -10,6 +10,7 @@ on bounded channels.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -168,6 +169,11 @@ async def open_gossip(host: Any, directory: PeerDirectory, *, hub: bool = False)
         eclipse_protection_enabled=False,
     )
     pubsub = Pubsub(host, router)
+    # Message ids are (peer, seqno) and the library starts seqnos at the UNIX time in seconds,
+    # one per message: a node restarted with the same identity (a resumed scheduler) would
+    # reuse the seqnos it sent in the last seconds of its first life, and every peer would drop
+    # its adverts as already seen for two minutes. Nanoseconds never go back that way.
+    pubsub.counter = time.time_ns()
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(background_trio_service(pubsub))
         await stack.enter_async_context(background_trio_service(router))

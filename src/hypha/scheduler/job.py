@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import trio
 
-from hypha.config.job import JobSpec
 from hypha.data.manifest import Manifest
 from hypha.errors import ForbiddenError, HyphaError, JobError
 from hypha.net.bulk import BulkService
@@ -27,7 +26,6 @@ from hypha.net.host import Node
 from hypha.protocol import codec
 from hypha.protocol import messages as m
 from hypha.scheduler import documents
-from hypha.scheduler.dataset import discover_dataset
 from hypha.scheduler.pool import Pool
 from hypha.scheduler.progress import ProgressService
 from hypha.scheduler.results import JobRecorder
@@ -337,7 +335,7 @@ class JobDriver:
     async def run(self) -> None:
         """Run the job to its end; raises ``JobError`` when it fails."""
         await self.start_parameter_server()
-        self.planner.start_round(0, self.state.spec.samples_per_round, [], trio.current_time())
+        self.planner.start_round(self.state.round, self.state.spec.samples_per_round, [], trio.current_time())
         async with trio.open_nursery() as nursery:
             # Trainers leased before now are dispatched by the first reconcile.
             nursery.start_soon(self._follow_pools)
@@ -373,30 +371,3 @@ class JobDriver:
 async def _wait_then_cancel(pool: Pool, version: int, scope: trio.CancelScope) -> None:
     await pool.wait_changed(version)
     scope.cancel()
-
-
-async def run_job(ctx: JobContext, spec: JobSpec) -> JobState:
-    """Find the dataset, then run ``spec`` to completion; returns the job's final state.
-
-    Raises:
-        DataError: The dataset is not found in the network.
-        JobError: The job cannot run or failed, with a clear reason.
-    """
-    dataset, manifest = await discover_dataset(
-        ctx.node, spec.dataset, timeout_seconds=DATASET_WAIT_SECONDS, sha256=spec.dataset_sha256
-    )
-    logger.info(
-        "dataset %s: %d slices from %d providers", spec.dataset, dataset.num_slices, len(dataset.providers)
-    )
-    state = JobState.create(spec)
-    state.set_dataset(dataset)
-    recorder = JobRecorder(spec.out, spec, state.job_id)
-    await recorder.start()
-    driver = JobDriver(ctx, state, manifest, recorder)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(driver.bulk.run)
-        await driver.run()
-        nursery.cancel_scope.cancel()
-    if recorder.final_loss is not None:
-        logger.info("job %s finished: final loss %.4f", spec.name, recorder.final_loss)
-    return state

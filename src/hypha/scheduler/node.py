@@ -22,9 +22,11 @@ from hypha.protocol import messages as m
 from hypha.resources import Resources
 from hypha.scheduler.allocator import Allocator, Price, WorkerSpec
 from hypha.scheduler.documents import check_job
-from hypha.scheduler.job import JobContext, run_job
+from hypha.scheduler.job import JobContext
 from hypha.scheduler.pool import Pool, PoolSpec
+from hypha.scheduler.running import run_job
 from hypha.scheduler.state import JobState
+from hypha.scheduler.store import StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +50,14 @@ def pool_spec(name: str, section: PoolSection, executor_class: m.ExecutorClass) 
 class Scheduler:
     """A scheduler's services on its node: the allocator, both pools, and the job."""
 
-    def __init__(self, node: Node, config: SchedulerConfig, job: JobSpec, *, allocate_only: bool) -> None:
+    def __init__(
+        self, node: Node, config: SchedulerConfig, job: JobSpec, *, allocate_only: bool, resume: bool = False
+    ) -> None:
         self.node = node
         self.job = job
         self.allocate_only = allocate_only
+        self.resume = resume
+        self.store = StateStore(config.state_dir) if config.state_dir is not None else None
         self.allocator = Allocator(
             node,
             lease_seconds=job.lease_seconds or config.lease_seconds,
@@ -88,7 +94,7 @@ class Scheduler:
             await pools.start(ctx.trainers.run)
             if self.allocate_only:
                 await trio.sleep_forever()
-            self.state = await run_job(ctx, self.job)
+            self.state = await run_job(ctx, self.job, self.store, resume=self.resume)
             pools.cancel_scope.cancel()
         self._finished.set()
 
@@ -100,10 +106,12 @@ async def run_scheduler(
     ready_file: Path | None = None,
     allocate_only: bool = False,
     model_checked: bool = False,
+    resume: bool = False,
     task_status: trio.TaskStatus[Scheduler] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the job until it ends (returns) or fails (raises ``JobError``).
 
+    ``resume``: take up this job's saved state (``config.state_dir``) if it is unfinished.
     ``model_checked``: the caller already ran ``documents.check_job`` on ``job`` (the CLI does,
     before any node starts); otherwise it runs here, before the node starts.
 
@@ -119,7 +127,7 @@ async def run_scheduler(
             functools.partial(
                 run_role,
                 settings,
-                lambda node: Scheduler(node, config, job, allocate_only=allocate_only),
+                lambda node: Scheduler(node, config, job, allocate_only=allocate_only, resume=resume),
                 ready_file=ready_file,
             )
         )

@@ -68,13 +68,17 @@ class JobRecorder:
         self.started_unix = time.time()
         self.final_loss: float | None = None
 
-    async def start(self) -> None:
-        """Create the output directory and start empty metric and event files."""
+    async def start(self, *, resume: bool = False) -> None:
+        """Create the output directory and start empty metric and event files.
+
+        ``resume``: the job goes on after a restart: the files so far are kept and appended to.
+        """
 
         def create() -> None:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.metrics_path.write_text("")
-            self.events_path.write_text("")
+            for path in (self.metrics_path, self.events_path):
+                if not (resume and path.exists()):
+                    path.write_text("")
 
         await self._off_loop(create)
 

@@ -172,6 +172,20 @@ class JobState:
         self._bump()
         return released
 
+    def restarted(self) -> list[int]:
+        """This state was saved by a scheduler that is gone: its tasks and leases went with it.
+
+        Its trainers' in-flight slices go back to AVAILABLE (USED ones stay used, so no slice
+        is trained twice in an epoch); the job goes on from its round with new tasks.
+        """
+        released: list[int] = []
+        for worker in list(self.trainers):
+            released += self.trainer_lost(worker)
+        self.parameter_server = None
+        self.leases.clear()
+        self._bump()
+        return released
+
     def parameter_server_lost(self) -> None:
         """The parameter server is gone; a replacement is being found."""
         if self.parameter_server is not None:
