@@ -106,6 +106,13 @@ def scheduler(
         bool,
         typer.Option("--allocate-only", help="Only lease the trainer pool and hold it (smoke test)."),
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Go on with this job's saved state (state_dir) if it is unfinished, from its last round.",
+        ),
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a scheduler for one job: lease workers, dispatch, synchronise."""
@@ -114,7 +121,9 @@ def scheduler(
     spec, _ = _load_job(job)
 
     async def serve(cfg: SchedulerConfig) -> None:
-        await run_scheduler(cfg, spec, ready_file=ready_file, allocate_only=allocate_only, model_checked=True)
+        await run_scheduler(
+            cfg, spec, ready_file=ready_file, allocate_only=allocate_only, model_checked=True, resume=resume
+        )
 
     overrides = net_overrides(listen, gateway)
     run_role(
@@ -238,6 +247,8 @@ def up(
 
     if workers < 1:
         fail("--workers must be at least 1")
+    if single_process:  # py-libp2p resets its loggers when first imported: import it before ours
+        import hypha.net.host  # noqa: F401
     init_logging("up", verbose=verbose, quiet=not verbose)
     try:
         plan = make_plan(directory, job, workers, rounds)

@@ -2,8 +2,9 @@
 
 Owns what every role command (gateway, worker, scheduler, data) shares: the user-facing
 error line and exit codes (2 for bad configuration or input, 1 for runtime failures),
-loading and checking a role's config (``--validate`` stops there), signal handling (SIGINT
-and SIGTERM cancel the running node, which shuts down cleanly) and turning a ``HyphaError``,
+loading and checking a role's config (``--validate`` stops there), signal handling (SIGINT,
+SIGTERM and SIGHUP cancel the running node, which shuts down cleanly and exits with 128 + the
+signal's number, 130 or 143 as a shell reports it) and turning a ``HyphaError``,
 alone or inside a nursery's exception group, into that one line. Argument parsing stays in
 ``main.py``.
 """
@@ -110,28 +111,72 @@ def run_role(
     run_until_signal(role, lambda: serve(config))
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals that stop a node (or ``hypha up``) cleanly; each exits with 128 + its number."""
+
+
+def signal_exit_code(signum: int) -> int:
+    """The shell's exit status for a process ended by ``signum``: 130 for SIGINT, 143 for SIGTERM."""
+    return 128 + signum
+
+
+async def cancel_on_stop_signal(
+    main: Callable[[], Awaitable[None]], on_signal: Callable[[int], None]
+) -> None:
+    """Run ``main``; the first of ``STOP_SIGNALS`` calls ``on_signal(signum)`` and cancels it.
+
+    Signals that come later, while ``main`` shuts down, are received and ignored: trio's
+    receiver re-raises signals still pending when it closes, and a SIGINT handled by Python's
+    default handler is a KeyboardInterrupt in the middle of that shutdown (a traceback, and
+    children left running). Only one that arrives in the instant between ``main``'s end and
+    the receiver's close takes the default action. Call it on the main thread only.
+
+    Cancellation:
+        ``main`` is cancelled by the signal; cleanup it runs shielded still runs to its end.
+    """
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def watch() -> None:
+                async for signum in signals:
+                    if not scope.cancel_called:
+                        on_signal(signum)
+                        scope.cancel()
+
+            nursery.start_soon(watch)
+            with scope:
+                await main()
+            nursery.cancel_scope.cancel()
+
+
 def run_until_signal(role: str, main: Callable[[], Awaitable[None]]) -> None:
-    """``trio.run`` ``main`` and cancel it cleanly on SIGINT or SIGTERM.
+    """``trio.run`` ``main`` and cancel it cleanly on SIGINT, SIGTERM or SIGHUP.
+
+    The first signal prints one line and cancels ``main``; once it has shut down the process
+    exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a process
+    killed by it would, so supervisors see that it did not finish. Later signals are ignored
+    while it shuts down (see ``cancel_on_stop_signal``); whoever wants it gone at once sends
+    SIGKILL, as ``hypha up`` does after its grace period.
 
     A ``HyphaError`` (also the first one inside an exception group) becomes one error line
     and exit code 1, 2 for a ``ConfigError`` (a node that refuses its set-up at start); a
     group without one is a bug: its innermost tracebacks are printed.
+
+    Raises:
+        typer.Exit: with 128 + the signal's number after a signal, or the error's code.
     """
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        err.print(f"{role}: received {signal.Signals(signum).name}, shutting down")
+        received.append(signum)
 
     async def runner() -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def watch_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        err.print(f"{role}: received {signal.Signals(signum).name}, shutting down")
-                        nursery.cancel_scope.cancel()
-                        return
-
-            if threading.current_thread() is threading.main_thread():
-                nursery.start_soon(watch_signals)
-            await main()
-            nursery.cancel_scope.cancel()
+        if threading.current_thread() is threading.main_thread():
+            await cancel_on_stop_signal(main, on_signal)
+        else:
+            await main()  # signal handlers can only be installed on the main thread
 
     try:
         trio.run(runner)
@@ -143,6 +188,8 @@ def run_until_signal(role: str, main: Callable[[], Awaitable[None]]) -> None:
             _print_leaves(group)
             fail("internal error (traceback above); please report it", code=1)
         _fail_with(leaf)
+    if received:
+        raise typer.Exit(signal_exit_code(received[0]))
 
 
 def _fail_with(exc: HyphaError) -> NoReturn:

@@ -2,8 +2,10 @@
 
 Owns one child node's life: its command line and environment, its log file, waiting for its
 ready file (``--ready-file``, written once the node listens), and stopping it with SIGTERM,
-then SIGKILL after a grace period. ``hypha up`` and the test harness start nodes through
-``spawn_node``; which nodes to start, and in what order, is the caller's business.
+then SIGKILL after a grace period. Each child runs in its own session, so a terminal's Ctrl-C
+(or hangup) reaches only its parent, which then stops the children in its own order.
+``hypha up`` and the test harness start nodes through ``spawn_node``; which nodes to start,
+and in what order, is the caller's business.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ async def spawn_node(
     ready_timeout_seconds: float = 60.0,
     module: str = "hypha",
     stdin: int | None = None,
+    stop_grace_seconds: float = 5.0,
 ) -> AsyncIterator[ChildNode]:
     """Start ``python -m <module> <role_args> --ready-file ...`` and wait for its ready file.
 
@@ -91,13 +94,17 @@ async def spawn_node(
         ready_timeout_seconds: How long the node may take to come up.
         module: The module run with ``python -m`` (``hypha.testing.peer`` for test peers).
         stdin: A pipe for the child's stdin; then its stdout is a pipe too and stderr logs.
+        stop_grace_seconds: How long the node may take to stop after SIGTERM (then SIGKILL).
 
     Raises:
         JobError: the child exited before it was ready (the message ends with its log).
         trio.TooSlowError: it was not ready within ``ready_timeout_seconds``.
 
     Resource handling:
-        On exit the process is stopped (SIGTERM, then SIGKILL) unless it already ended.
+        On exit the process is stopped (SIGTERM, then SIGKILL) unless it already ended, also
+        when cancelled. The child runs in a new session (``start_new_session``): signals sent
+        to the caller's process group (a terminal's Ctrl-C) do not reach it, so the caller
+        decides when and in what order its children stop.
     """
     ready_file = workdir / f"{name}.ready.json"
     await trio.to_thread.run_sync(lambda: ready_file.unlink(missing_ok=True))
@@ -107,11 +114,11 @@ async def spawn_node(
     with await trio.to_thread.run_sync(_open_log, log_path) as log:
         if stdin is None:
             process = await trio.lowlevel.open_process(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
             )
         else:
             process = await trio.lowlevel.open_process(
-                cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=log, env=child_env
+                cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=log, env=child_env, start_new_session=True
             )
     node = ChildNode(role_args[0], process, log_path)
     try:
@@ -124,4 +131,4 @@ async def spawn_node(
         node.ready = json.loads(await trio.to_thread.run_sync(ready_file.read_text))
         yield node
     finally:
-        await stop_process(process)
+        await stop_process(process, stop_grace_seconds)

@@ -16,8 +16,16 @@ import trio
 
 from hypha.config.load import load_config
 from hypha.config.schema import DataConfig, GatewayConfig, NetworkSection, SchedulerConfig, WorkerConfig
-from hypha.local.children import spawn_node
+from hypha.local.children import ChildNode, spawn_node
 from hypha.local.plan import LocalPlan, logs_dir
+
+SCHEDULER_STOP_GRACE_SECONDS = 15.0
+"""How long the scheduler may take to stop before SIGKILL: longer than the others' 5 s.
+
+Its shutdown releases every lease (each a request bounded by ``rpc_timeout_seconds``, 10 s
+by default) and records the job's state, and it is stopped first, while its workers still
+answer; killed earlier, it leaves no record of how far the job got.
+"""
 
 
 def _with_gateway(path: Path, gateway: str) -> list[str]:
@@ -25,31 +33,43 @@ def _with_gateway(path: Path, gateway: str) -> list[str]:
 
 
 @asynccontextmanager
-async def start_processes(plan: LocalPlan, configs: dict[str, Path]) -> AsyncIterator[trio.Process]:
+async def start_processes(
+    plan: LocalPlan, configs: dict[str, Path], *, started: list[ChildNode] | None = None
+) -> AsyncIterator[trio.Process]:
     """One process per role, each logging to ``logs_dir(plan)``; yields the scheduler's process.
 
+    Args:
+        plan: The run.
+        configs: Node name -> config file, from ``write_configs``.
+        started: If given, each node is appended once it is up, in start order (so a caller
+            that is cancelled while they start knows which are running).
+
     Resource handling:
-        Leaving the context stops every process, the scheduler first, the gateway last.
+        Leaving the context, also by cancellation, stops every process one at a time (SIGTERM,
+        then SIGKILL after the grace period, shielded): the scheduler first, so it can record
+        its state while its workers still answer, then the workers, the data node and the
+        gateway last.
     """
     logs = logs_dir(plan)
     await trio.to_thread.run_sync(lambda: logs.mkdir(parents=True, exist_ok=True))
+    nodes = [] if started is None else started
     async with AsyncExitStack() as stack:
-        gw = await stack.enter_async_context(
-            spawn_node(["gateway", "--config", str(configs["gateway"])], logs, "gateway")
-        )
-        await stack.enter_async_context(
-            spawn_node(["data", *_with_gateway(configs["data"], gw.address)], logs, "data")
-        )
+
+        async def start(role_args: list[str], name: str, grace_seconds: float = 5.0) -> ChildNode:
+            node = await stack.enter_async_context(
+                spawn_node(role_args, logs, name, stop_grace_seconds=grace_seconds)
+            )
+            nodes.append(node)
+            return node
+
+        gw = await start(["gateway", "--config", str(configs["gateway"])], "gateway")
+        await start(["data", *_with_gateway(configs["data"], gw.address)], "data")
         for name in sorted(k for k in configs if k.startswith("worker")):
-            await stack.enter_async_context(
-                spawn_node(["worker", *_with_gateway(configs[name], gw.address)], logs, name)
-            )
-        scheduler = await stack.enter_async_context(
-            spawn_node(
-                ["scheduler", "--job", str(plan.job_path), *_with_gateway(configs["scheduler"], gw.address)],
-                logs,
-                "scheduler",
-            )
+            await start(["worker", *_with_gateway(configs[name], gw.address)], name)
+        scheduler = await start(
+            ["scheduler", "--job", str(plan.job_path), *_with_gateway(configs["scheduler"], gw.address)],
+            "scheduler",
+            SCHEDULER_STOP_GRACE_SECONDS,
         )
         yield scheduler.process
 
