@@ -82,3 +82,15 @@ async def kill_parameter_server_after(job: JobSpec, workers: dict[str, ChildNode
             victim.kill()
             return victim.peer_id
         await trio.sleep(POLL_SECONDS)
+
+
+async def kill_trainer_after(job: JobSpec, workers: dict[str, ChildNode], rounds: int) -> str:
+    """SIGKILL one trainer's worker once ``rounds`` rounds have closed; return its peer."""
+    while True:
+        status = await wait_rounds(job, rounds)
+        trainers = [str(t) for t in status["trainers"]]  # type: ignore[attr-defined]
+        victim = next((workers[t] for t in trainers if t in workers), None)
+        if victim is not None:
+            victim.kill()
+            return victim.peer_id
+        await trio.sleep(POLL_SECONDS)

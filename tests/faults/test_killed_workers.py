@@ -1,12 +1,13 @@
-"""Parameter-server failover: its worker process is SIGKILLed mid-job and the job completes.
+"""Killed workers: a trainer's or the parameter server's worker process is SIGKILLed mid-job.
 
 Real processes: four workers are child processes (``hypha worker``,
 ``hypha.testing.processes``), so one can be killed as a crash would; the gateway, the data
 node and the scheduler are real nodes in this process.
-The same job runs twice on the network, first undisturbed, then with the parameter server's
-worker killed once a given round has closed (an event: the job's ``status.json``, never a
-timer). The second run must finish every round from the newest checkpoint, redo at most the
-checkpoint interval, and end within 10% of the undisturbed run's held-out loss.
+Each test runs the same job twice on its network, first undisturbed, then with a worker killed
+once a given round has closed (an event: the job's ``status.json``, never a timer). The second
+run must finish every round (from the newest checkpoint, redoing at most its interval, when
+the parameter server died; with a replacement trainer when a trainer died) and end within 10%
+of the undisturbed run's held-out loss.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import trio
 from hypha.config.job import JobSpec
 from hypha.testing.cluster import Pki
 from hypha.testing.network import run_training_job, training_job
-from hypha.testing.processes import kill_parameter_server_after, open_process_network
+from hypha.testing.processes import kill_parameter_server_after, kill_trainer_after, open_process_network
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -95,5 +96,40 @@ async def test_job_completes_after_its_parameter_server_is_killed(pki: Pki, tmp_
     closed = [line["round"] for line in stormy_lines if line["worker"] == "global"]
     assert sorted(set(closed)) == list(range(ROUNDS))
     assert len(closed) - ROUNDS <= EVERY + 1
+    calm_loss, stormy_loss = global_losses(calm.out)[ROUNDS - 1], global_losses(stormy.out)[ROUNDS - 1]
+    assert abs(stormy_loss - calm_loss) <= 0.1 * calm_loss, (calm_loss, stormy_loss)
+
+
+async def test_job_completes_after_a_trainer_is_killed(pki: Pki, tmp_path: Path) -> None:
+    async with open_process_network(pki, tmp_path, dataset(tmp_path), num_workers=4) as (addr, workers):
+        calm = job_spec(tmp_path, "calm")
+        with trio.fail_after(240):
+            await run_training_job(pki, addr, calm, "sched-calm")
+        stormy = job_spec(tmp_path, "stormy")
+        killed: list[str] = []
+        with trio.fail_after(300):
+            async with trio.open_nursery() as nursery:
+
+                async def kill() -> None:
+                    killed.append(await kill_trainer_after(stormy, workers, KILL_AFTER_ROUND))
+
+                nursery.start_soon(kill)
+                await run_training_job(pki, addr, stormy, "sched-stormy")
+    assert killed, "no trainer was killed"
+    status = json.loads((stormy.out / "status.json").read_text())
+    assert status["state"] == "done"
+    assert status["round"] == ROUNDS
+    assert killed[0] not in status["trainers"]
+    events = [json.loads(line) for line in (stormy.out / "events.jsonl").read_text().splitlines()]
+    assert killed[0] in [e["worker"] for e in events if e.get("event") == "lost"]
+    # A replacement trained: a worker that is neither the killed one nor the parameter server
+    # reported batches after the kill's round.
+    lines = [json.loads(line) for line in (stormy.out / "metrics.jsonl").read_text().splitlines()]
+    late = {
+        line["worker"] for line in lines if line["worker"] != "global" and line["round"] >= KILL_AFTER_ROUND
+    }
+    assert late - {killed[0], status["parameter_server"]}
+    closed = [line["round"] for line in lines if line["worker"] == "global"]
+    assert closed == list(range(ROUNDS))  # no round redone: the parameter server kept its state
     calm_loss, stormy_loss = global_losses(calm.out)[ROUNDS - 1], global_losses(stormy.out)[ROUNDS - 1]
     assert abs(stormy_loss - calm_loss) <= 0.1 * calm_loss, (calm_loss, stormy_loss)
