@@ -35,11 +35,10 @@ from typing import Any
 import trio
 
 from hypha.config.job import JobSpec
-from hypha.data.prepare import prepare_builtin
 from hypha.testing.benchmarks import machine, write_result
 from hypha.testing.cluster import Pki
-from hypha.testing.network import run_training_job, training_job
-from hypha.testing.processes import POLL_SECONDS, open_process_network, wait_rounds
+from hypha.testing.network import run_training_job
+from hypha.testing.processes import POLL_SECONDS, fault_job, open_process_network, tiny_dataset, wait_rounds
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recovery.json"
 GOAL_SECONDS = 30.0
@@ -48,27 +47,10 @@ ROUNDS = 10
 KILL_PS_AFTER = 3
 KILL_TRAINER_AFTER = 6
 JOB_LIMIT_SECONDS = 300.0
-TINY = {"dim": 32, "num_layers": 1, "num_heads": 2, "seq_len": 32}
 
 
 def job_spec(tmp: Path) -> JobSpec:
-    doc: dict[str, Any] = {
-        "dataset": "tiny-text",
-        "rounds": ROUNDS,
-        "samples_per_round": 256,
-        "batch_size": 8,
-        "fixed_inner_steps": 16,
-        "report_every_seconds": 0.1,
-        "eval_batches": 2,
-        "model": {
-            "kind": "builtin",
-            "name": "gpt",
-            "options": {"dim": 32, "num_layers": 1, "num_heads": 2, "seq_len": 32},
-        },
-        "inner": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0, "schedule": "constant"},
-        "checkpoint": {"store": str(tmp / "checkpoints"), "every_rounds": 2},
-    }
-    return training_job(tmp, "recovery", doc, num_trainers=2, min_trainers=1)
+    return fault_job(tmp, "recovery", rounds=ROUNDS, every_rounds=2)
 
 
 def global_lines(job: JobSpec) -> list[dict[str, Any]]:
@@ -116,8 +98,7 @@ async def time_trainer_replacement(job: JobSpec, workers: dict[str, Any]) -> dic
 
 async def run(tmp: Path) -> list[dict[str, Any]]:
     pki = Pki.create(tmp / "pki")
-    dataset = tmp / "tiny-text"
-    prepare_builtin(dataset, name="tiny-text", max_samples=2440, seq_len=32, slice_samples=40)
+    dataset = tiny_dataset(tmp)
     job = job_spec(tmp)
     results: list[dict[str, Any]] = []
     async with open_process_network(pki, tmp, dataset, num_workers=5) as (addr, workers):

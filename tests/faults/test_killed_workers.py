@@ -13,49 +13,36 @@ of the undisturbed run's held-out loss.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
 from hypha.config.job import JobSpec
+from hypha.local.children import ChildNode
 from hypha.testing.cluster import Pki
-from hypha.testing.network import run_training_job, training_job
-from hypha.testing.processes import kill_parameter_server_after, kill_trainer_after, open_process_network
+from hypha.testing.network import run_training_job
+from hypha.testing.processes import (
+    fault_job,
+    kill_parameter_server_after,
+    kill_trainer_after,
+    open_process_network,
+    tiny_dataset,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
-TINY = {"dim": 32, "num_layers": 1, "num_heads": 2, "seq_len": 32}
+Kill = Callable[[JobSpec, dict[str, ChildNode], int], Awaitable[str]]
+
 ROUNDS = 8
 EVERY = 2
 KILL_AFTER_ROUND = 3
-"""The parameter server dies once this many rounds have closed (its newest checkpoint: round 2)."""
-
-
-def dataset(tmp: Path) -> Path:
-    from hypha.data.prepare import prepare_builtin
-
-    out = tmp / "tiny-text"
-    prepare_builtin(out, name="tiny-text", max_samples=2440, seq_len=32, slice_samples=40)
-    return out
+"""A worker dies once this many rounds have closed (the newest checkpoint then: round 2)."""
 
 
 def job_spec(tmp: Path, name: str) -> JobSpec:
-    doc: dict[str, Any] = {
-        "dataset": "tiny-text",
-        "rounds": ROUNDS,
-        "samples_per_round": 256,
-        "batch_size": 8,
-        "fixed_inner_steps": 16,
-        "report_every_seconds": 0.1,
-        "eval_batches": 4,
-        "seed": 3,
-        "model": {"kind": "builtin", "name": "gpt", "options": TINY},
-        "inner": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0, "schedule": "constant"},
-        "checkpoint": {"store": str(tmp / "checkpoints" / name), "every_rounds": EVERY},
-    }
-    return training_job(tmp, name, doc, num_trainers=2, min_trainers=1)
+    return fault_job(tmp, name, rounds=ROUNDS, every_rounds=EVERY, eval_batches=4, seed=3)
 
 
 def global_losses(out: Path) -> dict[int, float]:
@@ -68,8 +55,9 @@ def global_losses(out: Path) -> dict[int, float]:
     return losses
 
 
-async def test_job_completes_after_its_parameter_server_is_killed(pki: Pki, tmp_path: Path) -> None:
-    async with open_process_network(pki, tmp_path, dataset(tmp_path), num_workers=4) as (addr, workers):
+async def calm_and_stormy(pki: Pki, tmp_path: Path, kill: Kill) -> tuple[JobSpec, JobSpec, str]:
+    """Run the job undisturbed, then again with ``kill`` (returns the killed worker's peer)."""
+    async with open_process_network(pki, tmp_path, tiny_dataset(tmp_path), num_workers=4) as (addr, workers):
         calm = job_spec(tmp_path, "calm")
         with trio.fail_after(240):
             await run_training_job(pki, addr, calm, "sched-calm")
@@ -78,12 +66,18 @@ async def test_job_completes_after_its_parameter_server_is_killed(pki: Pki, tmp_
         with trio.fail_after(300):
             async with trio.open_nursery() as nursery:
 
-                async def kill() -> None:
-                    killed.append(await kill_parameter_server_after(stormy, workers, KILL_AFTER_ROUND))
+                async def inject() -> None:
+                    killed.append(await kill(stormy, workers, KILL_AFTER_ROUND))
 
-                nursery.start_soon(kill)
+                nursery.start_soon(inject)
                 await run_training_job(pki, addr, stormy, "sched-stormy")
-    assert killed, "the parameter server was never killed"
+    assert killed, "the fault was never injected"
+    return calm, stormy, killed[0]
+
+
+async def test_job_completes_after_its_parameter_server_is_killed(pki: Pki, tmp_path: Path) -> None:
+    calm, stormy, victim = await calm_and_stormy(pki, tmp_path, kill_parameter_server_after)
+    killed = [victim]
     status = json.loads((stormy.out / "status.json").read_text())
     assert status["state"] == "done"
     assert status["round"] == ROUNDS
@@ -101,21 +95,8 @@ async def test_job_completes_after_its_parameter_server_is_killed(pki: Pki, tmp_
 
 
 async def test_job_completes_after_a_trainer_is_killed(pki: Pki, tmp_path: Path) -> None:
-    async with open_process_network(pki, tmp_path, dataset(tmp_path), num_workers=4) as (addr, workers):
-        calm = job_spec(tmp_path, "calm")
-        with trio.fail_after(240):
-            await run_training_job(pki, addr, calm, "sched-calm")
-        stormy = job_spec(tmp_path, "stormy")
-        killed: list[str] = []
-        with trio.fail_after(300):
-            async with trio.open_nursery() as nursery:
-
-                async def kill() -> None:
-                    killed.append(await kill_trainer_after(stormy, workers, KILL_AFTER_ROUND))
-
-                nursery.start_soon(kill)
-                await run_training_job(pki, addr, stormy, "sched-stormy")
-    assert killed, "no trainer was killed"
+    calm, stormy, victim = await calm_and_stormy(pki, tmp_path, kill_trainer_after)
+    killed = [victim]
     status = json.loads((stormy.out / "status.json").read_text())
     assert status["state"] == "done"
     assert status["round"] == ROUNDS

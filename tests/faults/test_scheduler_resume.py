@@ -13,50 +13,23 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
 from hypha.config.job import JobSpec
 from hypha.testing.cluster import Pki, spawn_node, write_toml
-from hypha.testing.network import training_job
-from hypha.testing.processes import open_process_network, wait_rounds
+from hypha.testing.processes import fault_job, open_process_network, tiny_dataset, wait_rounds
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
-TINY = {"dim": 32, "num_layers": 1, "num_heads": 2, "seq_len": 32}
 ROUNDS = 8
 EVERY = 2
 KILL_AFTER_ROUND = 3
 
 
-def dataset(tmp: Path) -> Path:
-    from hypha.data.prepare import prepare_builtin
-
-    out = tmp / "tiny-text"
-    prepare_builtin(out, name="tiny-text", max_samples=2440, seq_len=32, slice_samples=40)
-    return out
-
-
 def job_spec(tmp: Path) -> JobSpec:
-    doc: dict[str, Any] = {
-        "dataset": "tiny-text",
-        "rounds": ROUNDS,
-        "samples_per_round": 256,
-        "batch_size": 8,
-        "fixed_inner_steps": 16,
-        "report_every_seconds": 0.1,
-        "eval_batches": 2,
-        "model": {
-            "kind": "builtin",
-            "name": "gpt",
-            "options": {"dim": 32, "num_layers": 1, "num_heads": 2, "seq_len": 32},
-        },
-        "inner": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0, "schedule": "constant"},
-        "checkpoint": {"store": str(tmp / "checkpoints"), "every_rounds": EVERY},
-    }
-    return training_job(tmp, "resumable", doc, num_trainers=2, min_trainers=1)
+    return fault_job(tmp, "resumable", rounds=ROUNDS, every_rounds=EVERY)
 
 
 def saved_job_id(state_dir: Path) -> str:
@@ -68,7 +41,7 @@ async def test_a_killed_scheduler_resumes_its_job(pki: Pki, tmp_path: Path) -> N
     job = job_spec(tmp_path)
     job_file = tmp_path / "resumable.toml"  # written by training_job
     state_dir = tmp_path / "state"
-    async with open_process_network(pki, tmp_path, dataset(tmp_path), num_workers=4) as (addr, _workers):
+    async with open_process_network(pki, tmp_path, tiny_dataset(tmp_path), num_workers=4) as (addr, _workers):
         cfg = write_toml(
             tmp_path / "sched.toml",
             {

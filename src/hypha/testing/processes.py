@@ -3,7 +3,7 @@
 Owns starting a gateway and a data node in this process and N ``hypha worker`` processes
 (each with the trainer and parameter-server executors), so that a worker can be SIGKILLed as
 a crash would; and the fault injections that are driven by the job's own ``status.json``
-(an event: the rounds closed), never by a timer.
+(an event: the rounds closed), never by a timer; and the small job and dataset they run.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -20,10 +21,41 @@ from hypha.local.children import ChildNode
 from hypha.local.pki import Pki
 from hypha.local.plan import read_status
 from hypha.testing.cluster import open_test_node, spawn_node, write_toml
-from hypha.testing.network import EXECUTORS, data_config
+from hypha.testing.network import EXECUTORS, data_config, training_job
 
 POLL_SECONDS = 0.05
 """How often ``status.json`` is read while waiting for a round (the caller sets the deadline)."""
+
+TINY_GPT = {"dim": 32, "num_layers": 1, "num_heads": 2, "seq_len": 32}
+
+
+def tiny_dataset(tmp: Path) -> Path:
+    """A small built-in text dataset (60 slices of 40 samples) under ``tmp/tiny-text``."""
+    from hypha.data.prepare import prepare_builtin
+
+    out = tmp / "tiny-text"
+    prepare_builtin(out, name="tiny-text", max_samples=2440, seq_len=32, slice_samples=40)
+    return out
+
+
+def fault_job(
+    tmp: Path, name: str, *, rounds: int, every_rounds: int, eval_batches: int = 2, seed: int = 0
+) -> JobSpec:
+    """A short fixed-H job of the tiny GPT on ``tiny_dataset``, 2 trainers (min 1), checkpoints on."""
+    doc: dict[str, Any] = {
+        "dataset": "tiny-text",
+        "rounds": rounds,
+        "samples_per_round": 256,
+        "batch_size": 8,
+        "fixed_inner_steps": 16,
+        "report_every_seconds": 0.1,
+        "eval_batches": eval_batches,
+        "seed": seed,
+        "model": {"kind": "builtin", "name": "gpt", "options": TINY_GPT},
+        "inner": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0, "schedule": "constant"},
+        "checkpoint": {"store": str(tmp / "checkpoints" / name), "every_rounds": every_rounds},
+    }
+    return training_job(tmp, name, doc, num_trainers=2, min_trainers=1)
 
 
 @asynccontextmanager
